@@ -1,0 +1,46 @@
+"""facelayers: reusable PyTorch layers for facial Action Unit detection and dynamic facial
+expression recognition, learned jointly across heterogeneous datasets (the SSM paper).
+
+Public names are re-exported here flat (``from facelayers import DynamicPriorMapping``); the
+exported set is pinned by ``tests/test_public_api.py``.
+"""
+
+from __future__ import annotations
+
+from . import facs
+from .facs import (
+    AU,
+    AUS,
+    BP4D_AUS,
+    DISFA_AUS,
+    EXPRESSIONS,
+    EXPRESSIONS_7,
+    EXPRESSIONS_11,
+    TABLE_S4_AUS,
+    Expression,
+    UnknownLabelError,
+    au_descriptions,
+    expression_descriptions,
+    prior_matrix,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # facs
+    "facs",
+    "AU",
+    "AUS",
+    "BP4D_AUS",
+    "DISFA_AUS",
+    "EXPRESSIONS",
+    "EXPRESSIONS_7",
+    "EXPRESSIONS_11",
+    "TABLE_S4_AUS",
+    "Expression",
+    "UnknownLabelError",
+    "au_descriptions",
+    "expression_descriptions",
+    "prior_matrix",
+]

@@ -1,0 +1,54 @@
+"""Pins the flat public API of `facelayers` (update deliberately when an issue adds names)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+
+import facelayers
+
+EXPECTED = {
+    "__version__",
+    # facs
+    "facs", "AU", "AUS", "BP4D_AUS", "DISFA_AUS", "EXPRESSIONS", "EXPRESSIONS_7", "EXPRESSIONS_11",
+    "TABLE_S4_AUS", "Expression", "UnknownLabelError", "au_descriptions", "expression_descriptions",
+    "prior_matrix",
+}
+
+
+def test_exported_set_is_pinned():
+    assert set(facelayers.__all__) == EXPECTED
+    assert len(facelayers.__all__) == len(set(facelayers.__all__)), "duplicate names in __all__"
+
+
+def test_every_exported_name_resolves():
+    for name in facelayers.__all__:
+        assert getattr(facelayers, name) is not None, name
+
+
+def test_star_import_matches_all():
+    ns: dict = {}
+    exec("from facelayers import *", ns)
+    assert set(ns) - {"__builtins__"} == set(facelayers.__all__)
+
+
+def test_import_is_lazy_and_touches_no_cuda():
+    code = (
+        "import sys, torch, facelayers; "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'; "
+        "bad = [m for m in sys.modules if m.endswith('triton_kernels') or m == 'matplotlib']; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_version_matches_metadata():
+    try:
+        installed = version("facelayers")
+    except PackageNotFoundError:
+        pytest.skip("facelayers is not installed (running from a source tree)")
+    assert installed == facelayers.__version__
