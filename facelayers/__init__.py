@@ -24,6 +24,27 @@ from .facs import (
     prior_matrix,
 )
 
+from . import data
+from .data import (
+    AUClipDataset,
+    AURecord,
+    ExpressionClipDataset,
+    ExpressionRecord,
+    HeterogeneousLoader,
+    ManifestError,
+    ManifestValidationError,
+    Split,
+    ValidationReport,
+    eval_transform,
+    get_split,
+    list_splits,
+    read_manifest,
+    segment_indices,
+    train_transform,
+    validate_manifest,
+    write_manifest,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +64,23 @@ __all__ = [
     "au_descriptions",
     "expression_descriptions",
     "prior_matrix",
+    # data
+    "data",
+    "AUClipDataset",
+    "AURecord",
+    "ExpressionClipDataset",
+    "ExpressionRecord",
+    "HeterogeneousLoader",
+    "ManifestError",
+    "ManifestValidationError",
+    "Split",
+    "ValidationReport",
+    "eval_transform",
+    "get_split",
+    "list_splits",
+    "read_manifest",
+    "segment_indices",
+    "train_transform",
+    "validate_manifest",
+    "write_manifest",
 ]

@@ -17,6 +17,11 @@ EXPECTED = {
     "facs", "AU", "AUS", "BP4D_AUS", "DISFA_AUS", "EXPRESSIONS", "EXPRESSIONS_7", "EXPRESSIONS_11",
     "TABLE_S4_AUS", "Expression", "UnknownLabelError", "au_descriptions", "expression_descriptions",
     "prior_matrix",
+    # data
+    "data", "AUClipDataset", "AURecord", "ExpressionClipDataset", "ExpressionRecord",
+    "HeterogeneousLoader", "ManifestError", "ManifestValidationError", "Split", "ValidationReport",
+    "eval_transform", "get_split", "list_splits", "read_manifest", "segment_indices",
+    "train_transform", "validate_manifest", "write_manifest",
 }
 
 

@@ -1,0 +1,576 @@
+"""Clip datasets over the public manifests: expression clips and AU frame windows.
+
+:class:`ExpressionClipDataset` turns one :class:`~facelayers.data.ExpressionRecord` into a clip of
+``T`` frames by segment sampling (:func:`segment_indices`). :class:`AUClipDataset` cuts the
+labelled frames of each :class:`~facelayers.data.AURecord` sequence into ``T``-frame windows that
+never span a missing frame number.
+
+Frames are decoded with PIL into float tensors in ``[0, 1]`` (``ToTensor`` semantics); expression
+clips may also be video files, decoded with PyAV (``av``, imported only when needed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .manifests import AURecord, ExpressionRecord, PathLike, get_format, read_manifest
+from .transforms import ClipTransform
+
+__all__ = [
+    "AUClipDataset",
+    "AUWindow",
+    "ExpressionClipDataset",
+    "FrameCountMismatchError",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "au_windows",
+    "list_frame_files",
+    "load_frame",
+    "natural_sort_key",
+    "read_video_frames",
+    "segment_indices",
+    "split_runs",
+]
+
+#: File endings treated as frames inside an expression clip folder (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: File endings decoded as videos (with PyAV) when an expression record points to a file.
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+class FrameCountMismatchError(ValueError):
+    """An expression folder holds a different number of frames than its manifest line says."""
+
+
+# ----------------------------------------------------------------------------------------------
+# frame files and decoding
+
+_NUM = re.compile(r"(\d+)")
+
+
+def natural_sort_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers numerically: ``2.jpg`` < ``10.jpg``, ``f_9`` < ``f_10``."""
+    parts = _NUM.split(name)
+    return tuple((0, int(p)) if i % 2 else (1, p.lower()) for i, p in enumerate(parts)) + ((1, name),)
+
+
+def list_frame_files(folder: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Names of the image files in ``folder``, in time order (natural sort of embedded numbers).
+
+    Raises:
+        FileNotFoundError: if ``folder`` is not a directory.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"frame folder not found: {folder}")
+    exts = tuple(e.lower() for e in extensions)
+    with os.scandir(folder) as it:
+        names = [e.name for e in it if e.is_file() and e.name.lower().endswith(exts)]
+    return sorted(names, key=natural_sort_key)
+
+
+def load_frame(path: PathLike) -> Tensor:
+    """Decode one image with PIL: RGB float tensor ``[3, H, W]`` in ``[0, 1]``."""
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    try:
+        with Image.open(path) as img:
+            t = pil_to_tensor(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"frame image not found: {path}") from None
+    return t.float().div_(255.0)
+
+
+def read_video_frames(path: PathLike) -> list[Tensor]:
+    """Decode every frame of a video file with PyAV: list of ``[3, H, W]`` float tensors in ``[0, 1]``.
+
+    Raises:
+        ImportError: if PyAV is not installed (``pip install av``).
+    """
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is installed in the dev environment
+        raise ImportError(
+            f"decoding the video file {path} needs PyAV; install it with `pip install av`, "
+            "or extract the frames into a folder of images"
+        ) from e
+    frames = []
+    with av.open(os.fspath(path)) as container:
+        for frame in container.decode(video=0):
+            arr = frame.to_ndarray(format="rgb24")
+            frames.append(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
+    if not frames:
+        raise ValueError(f"no video frames decoded from {path}")
+    return frames
+
+
+def _stack(frames: list[Tensor], where: str) -> Tensor:
+    shapes = {tuple(f.shape) for f in frames}
+    if len(shapes) > 1:
+        raise ValueError(f"frames of {where} have different sizes {sorted(shapes)}; resize them to one size")
+    return torch.stack(frames)
+
+
+def _apply_transform(transform: Callable | None, clip: Tensor, generator: torch.Generator | None) -> Tensor:
+    if transform is None:
+        return clip
+    if isinstance(transform, ClipTransform):
+        return transform(clip, generator)
+    return transform(clip)
+
+
+def _item_generator(seed: int | None, epoch: int, index: int) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(hash((int(seed), int(epoch), int(index))) & ((1 << 63) - 1))
+
+
+def _check_num_frames(num_frames: int) -> None:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# segment sampling
+
+
+def segment_indices(
+    num_frames_in_clip: int, num_segments: int, train: bool, generator: torch.Generator | None = None
+) -> list[int]:
+    """Frame indices of ``T = num_segments`` segment samples over a clip of ``n`` frames.
+
+    Specification (``n = num_frames_in_clip``, ``T = num_segments``, ``k = 0 .. T-1``):
+
+    * ``n >= T``: segment ``k`` is the frame range ``[b_k, b_{k+1})`` with ``b_k = floor(k * n / T)``
+      (``T`` disjoint, non-empty ranges covering all frames; lengths differ by at most one).
+      Training picks ``b_k + randint(0, b_{k+1} - b_k - 1)`` per segment (independent draws from
+      ``generator``); evaluation picks the centre ``b_k + (b_{k+1} - b_k) // 2``. Indices are
+      strictly increasing.
+    * ``n < T`` (train and eval alike, no randomness): ``[0, 1, ..., n-1]`` then the last frame
+      repeated: ``min(k, n - 1)`` (edge padding).
+
+    Args:
+        num_frames_in_clip: ``n >= 1``.
+        num_segments: ``T >= 1``.
+        train: Random offsets (True) or segment centres (False).
+        generator: RNG for the training draws (``None``: torch's global RNG).
+
+    Returns:
+        ``T`` indices in ``[0, n-1]``.
+
+    Examples::
+
+        >>> segment_indices(70, 16, train=False)[:4]
+        [2, 6, 10, 15]
+    """
+    n, t = num_frames_in_clip, num_segments
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_frames_in_clip must be a positive int, got {n!r}")
+    _check_num_frames(t)
+    if n < t:
+        return [min(k, n - 1) for k in range(t)]
+    bounds = [(k * n) // t for k in range(t + 1)]
+    lengths = [bounds[k + 1] - bounds[k] for k in range(t)]
+    if not train:
+        return [bounds[k] + lengths[k] // 2 for k in range(t)]
+    offsets = (torch.rand(t, generator=generator, dtype=torch.float64) * torch.tensor(lengths, dtype=torch.float64)).floor()
+    return [bounds[k] + min(int(offsets[k]), lengths[k] - 1) for k in range(t)]
+
+
+# ----------------------------------------------------------------------------------------------
+# expression clips
+
+
+class ExpressionClipDataset(Dataset):
+    """Expression clips of ``T`` frames sampled by segments, with clip-level labels.
+
+    Item: ``dict(clip=FloatTensor[T, 3, H, W], label=LongTensor[] (scalar), index=int)``. Without a
+    transform the clip is float in ``[0, 1]``.
+
+    Args:
+        records: :class:`ExpressionRecord` list (e.g. from :func:`read_manifest`).
+        root: Dataset root; ``root / record.path`` is a folder of frame images (names sorting in
+            time order, numbers compared numerically) or a video file (decoded with PyAV).
+        num_frames: ``T``, frames per clip.
+        train: Random segment offsets (True) or segment centres (False); see :func:`segment_indices`.
+        transform: Applied to the ``[T, 3, H, W]`` clip. A :class:`ClipTransform` receives the item's
+            generator; any other callable is called as ``transform(clip)``.
+        seed: ``None`` draws from torch's global RNG (DataLoader workers seed it per worker). An int
+            makes every item reproducible: item ``i`` in epoch ``e`` uses a generator seeded from
+            ``(seed, e, i)``; call :meth:`set_epoch` to change the draws per epoch.
+        frame_count: What ``n`` is when the folder disagrees with the manifest's ``num_frames``:
+            ``"disk"`` (default) samples over the files present and warns; ``"manifest"`` samples
+            over the manifest count, reading the last file for indices past the end (the released
+            SSM loader's behaviour), and warns; ``"error"`` raises :class:`FrameCountMismatchError`.
+        extensions: File endings counted as frames.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ExpressionRecord],
+        root: PathLike,
+        *,
+        num_frames: int = 16,
+        train: bool = False,
+        transform: Callable[..., Tensor] | None = None,
+        seed: int | None = None,
+        frame_count: Literal["disk", "manifest", "error"] = "disk",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        _check_num_frames(num_frames)
+        if frame_count not in ("disk", "manifest", "error"):
+            raise ValueError(f"frame_count must be 'disk', 'manifest' or 'error', got {frame_count!r}")
+        records = list(records)
+        if not records:
+            raise ValueError("ExpressionClipDataset needs at least one record, got none")
+        for i, r in enumerate(records):
+            if not isinstance(r, ExpressionRecord):
+                raise TypeError(f"records[{i}] must be an ExpressionRecord, got {type(r).__name__}")
+        self.records = records
+        self.root = Path(root)
+        self.num_frames = num_frames
+        self.train = train
+        self.transform = transform
+        self.seed = seed
+        self.frame_count = frame_count
+        self.extensions = tuple(extensions)
+        self.epoch = 0
+        self._files: dict[int, list[str]] = {}
+
+    @classmethod
+    def from_manifest(cls, manifest: PathLike, format: str, root: PathLike, **kwargs: Any) -> ExpressionClipDataset:
+        """Build from a manifest file (:func:`read_manifest`) of an expression format."""
+        if get_format(format).kind != "expression":
+            raise ValueError(f"format {format!r} is not an expression format; use AUClipDataset")
+        return cls(read_manifest(manifest, format), root, **kwargs)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used to seed per-item generators (only matters when ``seed`` is set)."""
+        self.epoch = int(epoch)
+
+    @property
+    def labels(self) -> list[int]:
+        """Labels of all records, in order (for class weights / samplers)."""
+        return [r.label for r in self.records]
+
+    def frame_files(self, index: int) -> list[str]:
+        """Natural-sorted frame file names of record ``index`` (cached)."""
+        if index not in self._files:
+            self._files[index] = list_frame_files(self.root / self.records[index].path, self.extensions)
+        return self._files[index]
+
+    def _resolve_count(self, rec: ExpressionRecord, on_disk: int, src: Path) -> int:
+        if on_disk == 0:
+            raise FileNotFoundError(f"no frames ({'/'.join(self.extensions)}) in {src}")
+        if on_disk == rec.num_frames:
+            return on_disk
+        msg = f"{src}: manifest says {rec.num_frames} frames, found {on_disk}"
+        if self.frame_count == "error":
+            raise FrameCountMismatchError(msg)
+        warnings.warn(f"{msg}; sampling over the {self.frame_count} count", stacklevel=3)
+        return on_disk if self.frame_count == "disk" else rec.num_frames
+
+    def sample_indices(self, index: int, generator: torch.Generator | None = None) -> list[int]:
+        """Frame indices (into the sorted frame list) that item ``index`` reads."""
+        rec = self.records[index]
+        src = self.root / rec.path
+        n = len(self._video(src)) if self._is_video(src) else self._resolve_count(rec, len(self.frame_files(index)), src)
+        return segment_indices(n, self.num_frames, self.train, generator)
+
+    def _is_video(self, src: Path) -> bool:
+        return src.is_file() and src.suffix.lower() in VIDEO_EXTENSIONS
+
+    def _video(self, src: Path) -> list[Tensor]:
+        return read_video_frames(src)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clips")
+        index = index % len(self)
+        rec = self.records[index]
+        g = _item_generator(self.seed, self.epoch, index)
+        src = self.root / rec.path
+        if self._is_video(src):
+            frames = self._video(src)
+            idx = segment_indices(len(frames), self.num_frames, self.train, g)
+            chosen = [frames[i] for i in idx]
+        else:
+            files = self.frame_files(index)
+            n = self._resolve_count(rec, len(files), src)
+            idx = segment_indices(n, self.num_frames, self.train, g)
+            cache: dict[int, Tensor] = {}
+            chosen = []
+            for i in idx:
+                j = min(i, len(files) - 1)
+                if j not in cache:
+                    cache[j] = load_frame(src / files[j])
+                chosen.append(cache[j])
+        clip = _apply_transform(self.transform, _stack(chosen, str(src)), g)
+        return {"clip": clip, "label": torch.tensor(rec.label, dtype=torch.long), "index": index}
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpressionClipDataset(clips={len(self)}, root={str(self.root)!r}, num_frames={self.num_frames}, "
+            f"train={self.train}, frame_count={self.frame_count!r})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# AU windows
+
+
+def split_runs(frame_indices: Sequence[int]) -> list[list[int]]:
+    """Split sorted, unique frame numbers into continuous runs (``[0,1,2,5,6] -> [[0,1,2],[5,6]]``).
+
+    Raises:
+        ValueError: if the numbers are not strictly increasing.
+    """
+    runs: list[list[int]] = []
+    prev = None
+    for f in frame_indices:
+        if prev is not None and f <= prev:
+            raise ValueError(f"frame numbers must be strictly increasing, got {prev} then {f}")
+        if prev is None or f != prev + 1:
+            runs.append([])
+        runs[-1].append(int(f))
+        prev = f
+    return runs
+
+
+def _plan_run(
+    run_length: int, num_frames: int, label_mode: str, stride: int, eval_cover: bool
+) -> list[tuple[int, int]]:
+    """``(anchor, max_jitter)`` per window of one run; slot ``j`` reads run position ``anchor + j``."""
+    L, T, c = run_length, num_frames, num_frames // 2
+    out: list[tuple[int, int]] = []
+    if eval_cover:
+        return [(p - c, 0) for p in range(L)]
+    if label_mode == "center":
+        for p in range(min(c, L - 1), L, stride):
+            out.append((p - c, min(stride - 1, L - 1 - p)))
+        return out
+    a = 0
+    while True:
+        out.append((a, min(stride - 1, max(L - T - a, 0))))
+        a += stride
+        if a - stride + T >= L or a >= L:
+            return out
+
+
+@dataclass(frozen=True)
+class AUWindow:
+    """One planned window: the frames its ``T`` slots read and which of them are real.
+
+    Attributes:
+        frames: Frame number read by each slot (padding slots repeat the run's edge frame).
+        mask: True where the slot is a real frame of the window, False for padding.
+        centre: Frame number at slot ``T // 2``.
+    """
+
+    frames: tuple[int, ...]
+    mask: tuple[bool, ...]
+    centre: int
+
+
+def _realise(run: Sequence[int], anchor: int, num_frames: int) -> tuple[list[int], list[bool]]:
+    L = len(run)
+    positions = [anchor + j for j in range(num_frames)]
+    return [min(max(p, 0), L - 1) for p in positions], [0 <= p < L for p in positions]
+
+
+def au_windows(
+    frame_indices: Sequence[int],
+    num_frames: int,
+    *,
+    label_mode: Literal["center", "all"] = "center",
+    stride: int | None = None,
+    eval_cover: bool = False,
+) -> list[AUWindow]:
+    """Plan the (evaluation-mode) windows of one sequence; the rule :class:`AUClipDataset` uses.
+
+    Args:
+        frame_indices: Labelled frame numbers of one sequence (any order, no duplicates).
+        num_frames: ``T``.
+        label_mode, stride, eval_cover: As in :class:`AUClipDataset`.
+    """
+    _check_num_frames(num_frames)
+    stride = num_frames if stride is None else stride
+    _check_au_args(label_mode, stride)
+    out = []
+    for run in split_runs(sorted(frame_indices)):
+        for anchor, _ in _plan_run(len(run), num_frames, label_mode, stride, eval_cover):
+            pos, mask = _realise(run, anchor, num_frames)
+            frames = tuple(run[p] for p in pos)
+            out.append(AUWindow(frames, tuple(mask), frames[num_frames // 2]))
+    return out
+
+
+def _check_au_args(label_mode: str, stride: int) -> None:
+    if label_mode not in ("center", "all"):
+        raise ValueError(f"label_mode must be 'center' or 'all', got {label_mode!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+
+
+class AUClipDataset(Dataset):
+    """``T``-frame windows over frame-labelled AU sequences (BP4D, DISFA).
+
+    Item: ``dict(clip=FloatTensor[T, 3, H, W], labels=FloatTensor[M] ("center") or [T, M] ("all"),
+    mask=BoolTensor[T], index=int)``; ``M`` is the label length of the records.
+
+    Windows. Records are grouped by ``sequence`` (sequences in order of first appearance, windows
+    in time order within each), sorted by ``frame_index`` and split into *runs* of
+    consecutive frame numbers (a missing number ends a run), so a window never spans a gap. Slot
+    ``j`` of a window with anchor ``a`` reads run position ``a + j``; positions outside the run
+    are edge-padded (they repeat the first/last frame of the run) and have ``mask`` False. With
+    ``c = T // 2`` (the centre slot, as in :class:`~facelayers.temporal.FrameTemporalHead`) and
+    ``L`` the run length:
+
+    * ``label_mode="center"``: windows are centred on run positions
+      ``p = min(c, L-1), min(c, L-1) + stride, ... < L`` (anchor ``p - c``), so the centre slot is
+      always a real labelled frame and ``labels`` are that frame's AUs. Runs shorter than ``T``
+      are padded on one or both sides.
+    * ``label_mode="all"``: windows start at ``a = 0, stride, 2*stride, ... < L`` and stop after
+      the first window that reaches the run end; the last one may be right-padded. ``labels[t]`` are the
+      AUs of the frame in slot ``t`` (padding slots repeat the edge frame's labels, mask False).
+      With ``stride = T`` every labelled frame is a real (mask True) slot exactly once.
+    * ``eval_cover=True`` (either mode): one window centred on every labelled frame (anchor
+      ``p - c`` for every ``p``), so each frame is the centre slot exactly once.
+    * ``train=True`` shifts each window by a uniform ``0 .. stride-1`` (one draw per item), never
+      past the run end, so every frame can be seen in every slot across epochs.
+
+    Args:
+        records: :class:`AURecord` list (e.g. from :func:`read_manifest`).
+        root: Dataset root; frames are ``root / record.path``.
+        num_frames: ``T``.
+        label_mode: ``"center"`` or ``"all"``.
+        train: Random window shifts (see above); eval windows are fixed.
+        stride: Window step (default ``T``).
+        transform: Applied to the clip (a :class:`ClipTransform` gets the item's generator).
+        eval_cover: One window per labelled frame (as centre).
+        seed: As in :class:`ExpressionClipDataset`.
+
+    Raises:
+        ValueError: duplicate ``(sequence, frame_index)``, labels of different lengths, bad args.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[AURecord],
+        root: PathLike,
+        *,
+        num_frames: int = 16,
+        label_mode: Literal["center", "all"] = "center",
+        train: bool = False,
+        stride: int | None = None,
+        transform: Callable[..., Tensor] | None = None,
+        eval_cover: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        _check_num_frames(num_frames)
+        stride = num_frames if stride is None else stride
+        _check_au_args(label_mode, stride)
+        records = list(records)
+        if not records:
+            raise ValueError("AUClipDataset needs at least one record, got none")
+        m = None
+        groups: dict[str, list[AURecord]] = {}
+        for i, r in enumerate(records):
+            if not isinstance(r, AURecord):
+                raise TypeError(f"records[{i}] must be an AURecord, got {type(r).__name__}")
+            if m is None:
+                m = len(r.labels)
+            elif len(r.labels) != m:
+                raise ValueError(f"records[{i}] has {len(r.labels)} labels, records[0] has {m}")
+            groups.setdefault(r.sequence, []).append(r)
+        self.records = records
+        self.root = Path(root)
+        self.num_frames = num_frames
+        self.label_mode = label_mode
+        self.train = train
+        self.stride = stride
+        self.transform = transform
+        self.eval_cover = eval_cover
+        self.seed = seed
+        self.epoch = 0
+        self.num_labels = int(m or 0)
+        # runs: lists of records with consecutive frame numbers; windows: (run id, anchor, jitter)
+        self.runs: list[list[AURecord]] = []
+        self._windows: list[tuple[int, int, int]] = []
+        for seq, recs in groups.items():
+            recs.sort(key=lambda r: r.frame_index)
+            for a, b in zip(recs, recs[1:]):
+                if a.frame_index == b.frame_index:
+                    raise ValueError(f"sequence {seq!r} lists frame {a.frame_index} twice ({a.path!r}, {b.path!r})")
+            by_index = {r.frame_index: r for r in recs}
+            for run in split_runs([r.frame_index for r in recs]):
+                rid = len(self.runs)
+                self.runs.append([by_index[f] for f in run])
+                for anchor, jitter in _plan_run(len(run), num_frames, label_mode, stride, eval_cover):
+                    self._windows.append((rid, anchor, 0 if eval_cover else jitter))
+
+    @classmethod
+    def from_manifest(cls, manifest: PathLike, format: str, root: PathLike, **kwargs: Any) -> AUClipDataset:
+        """Build from a manifest file (:func:`read_manifest`) of an AU format."""
+        if get_format(format).kind != "au":
+            raise ValueError(f"format {format!r} is not an AU format; use ExpressionClipDataset")
+        return cls(read_manifest(manifest, format), root, **kwargs)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used to seed per-item generators (only matters when ``seed`` is set)."""
+        self.epoch = int(epoch)
+
+    def window_frames(self, index: int, generator: torch.Generator | None = None) -> tuple[list[AURecord], list[bool]]:
+        """Records read by the ``T`` slots of window ``index`` and the mask (True = real frame).
+
+        In training mode the shift is drawn from ``generator`` (the same draw ``__getitem__``
+        makes first with the item's generator).
+        """
+        rid, anchor, jitter = self._windows[index]
+        if self.train and jitter > 0:
+            anchor += int(torch.randint(0, jitter + 1, (), generator=generator))
+        run = self.runs[rid]
+        pos, mask = _realise(run, anchor, self.num_frames)
+        return [run[p] for p in pos], mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} windows")
+        index = index % len(self)
+        g = _item_generator(self.seed, self.epoch, index)
+        recs, mask = self.window_frames(index, g)
+        cache: dict[str, Tensor] = {}
+        frames = []
+        for r in recs:
+            if r.path not in cache:
+                cache[r.path] = load_frame(self.root / r.path)
+            frames.append(cache[r.path])
+        clip = _apply_transform(self.transform, _stack(frames, f"sequence {recs[0].sequence!r}"), g)
+        if self.label_mode == "center":
+            labels = torch.tensor(recs[self.num_frames // 2].labels, dtype=torch.float32)
+        else:
+            labels = torch.tensor([r.labels for r in recs], dtype=torch.float32)
+        return {"clip": clip, "labels": labels, "mask": torch.tensor(mask, dtype=torch.bool), "index": index}
+
+    def __repr__(self) -> str:
+        return (
+            f"AUClipDataset(windows={len(self)}, frames={len(self.records)}, runs={len(self.runs)}, "
+            f"num_frames={self.num_frames}, label_mode={self.label_mode!r}, stride={self.stride}, "
+            f"train={self.train}, eval_cover={self.eval_cover})"
+        )
