@@ -45,6 +45,10 @@ from .data import (
     write_manifest,
 )
 
+from .heads import CosineClassifier
+from .prior_mapping import DynamicPriorMapping, LinearSemanticMapping, MLPSemanticMapping
+from .prompts import CLIPTextTower, PromptLearner, TextPrototypes
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -64,6 +68,14 @@ __all__ = [
     "au_descriptions",
     "expression_descriptions",
     "prior_matrix",
+    # text side
+    "CLIPTextTower",
+    "PromptLearner",
+    "TextPrototypes",
+    "DynamicPriorMapping",
+    "LinearSemanticMapping",
+    "MLPSemanticMapping",
+    "CosineClassifier",
     # data
     "data",
     "AUClipDataset",

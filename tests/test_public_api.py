@@ -17,6 +17,9 @@ EXPECTED = {
     "facs", "AU", "AUS", "BP4D_AUS", "DISFA_AUS", "EXPRESSIONS", "EXPRESSIONS_7", "EXPRESSIONS_11",
     "TABLE_S4_AUS", "Expression", "UnknownLabelError", "au_descriptions", "expression_descriptions",
     "prior_matrix",
+    # text side
+    "CLIPTextTower", "PromptLearner", "TextPrototypes", "DynamicPriorMapping", "LinearSemanticMapping",
+    "MLPSemanticMapping", "CosineClassifier",
     # data
     "data", "AUClipDataset", "AURecord", "ExpressionClipDataset", "ExpressionRecord",
     "HeterogeneousLoader", "ManifestError", "ManifestValidationError", "Split", "ValidationReport",
