@@ -49,6 +49,20 @@ from .heads import CosineClassifier
 from .prior_mapping import DynamicPriorMapping, LinearSemanticMapping, MLPSemanticMapping
 from .prompts import CLIPTextTower, PromptLearner, TextPrototypes
 
+from .losses import au_loss, expression_loss, joint_loss
+from .metrics import (
+    AUMeter,
+    ExpressionMeter,
+    au_auc,
+    au_f1,
+    confusion_matrix,
+    per_class_recall,
+    tuned_au_f1,
+    uar,
+    war,
+)
+from .temporal import ClipTemporalHead, FrameTemporalHead, TemporalTransformer
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -76,6 +90,22 @@ __all__ = [
     "LinearSemanticMapping",
     "MLPSemanticMapping",
     "CosineClassifier",
+    # temporal, losses, metrics
+    "TemporalTransformer",
+    "ClipTemporalHead",
+    "FrameTemporalHead",
+    "expression_loss",
+    "au_loss",
+    "joint_loss",
+    "au_f1",
+    "au_auc",
+    "per_class_recall",
+    "uar",
+    "war",
+    "confusion_matrix",
+    "tuned_au_f1",
+    "AUMeter",
+    "ExpressionMeter",
     # data
     "data",
     "AUClipDataset",

@@ -20,6 +20,10 @@ EXPECTED = {
     # text side
     "CLIPTextTower", "PromptLearner", "TextPrototypes", "DynamicPriorMapping", "LinearSemanticMapping",
     "MLPSemanticMapping", "CosineClassifier",
+    # temporal, losses, metrics
+    "TemporalTransformer", "ClipTemporalHead", "FrameTemporalHead", "expression_loss", "au_loss",
+    "joint_loss", "au_f1", "au_auc", "per_class_recall", "uar", "war", "confusion_matrix",
+    "tuned_au_f1", "AUMeter", "ExpressionMeter",
     # data
     "data", "AUClipDataset", "AURecord", "ExpressionClipDataset", "ExpressionRecord",
     "HeterogeneousLoader", "ManifestError", "ManifestValidationError", "Split", "ValidationReport",

@@ -1,0 +1,228 @@
+"""Training losses of the SSM paper: expression CE (eqs. 7/12), AU BCE (eqs. 8/13), joint loss (eq. 14).
+
+* :func:`expression_loss` -- softmax cross-entropy over ``K`` expression classes, with optional
+  label smoothing and class weights.
+* :func:`au_loss` -- binary cross-entropy with logits over ``M`` AUs for ``[B, M]`` (centre frame)
+  or ``[B, T, M]`` (all frames) logits, with optional ``pos_weight`` and a ``mask`` so that padded or
+  unlabelled frames never count.
+* :func:`joint_loss` -- ``L_exp / (1 + lam) + lam * L_au / (1 + lam)`` (eq. 14); either task may be
+  missing in a step.
+
+Reduction note: eq. 8 sums over the ``M`` AUs and averages over the batch. ``au_loss(...,
+reduction="mean")`` averages over every counted (sample, AU) element, like
+:class:`torch.nn.BCEWithLogitsLoss` and the released code, i.e. eq. 8 divided by ``M``; pass
+``reduction="sum"`` and divide by the number of samples yourself for the literal eq. 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["expression_loss", "au_loss", "joint_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def expression_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Softmax cross-entropy for single-label expression classification (paper eqs. 7 and 12).
+
+    Args:
+        logits: ``[B, K]`` unnormalised class scores.
+        target: ``[B]`` integer class indices in ``[0, K)``, or ``[B, K]`` class probabilities
+            (soft labels, rows summing to 1).
+        weight: optional ``[K]`` non-negative class weights. With ``reduction="mean"`` and index
+            targets the result is divided by the sum of the weights of the targets (PyTorch's
+            convention), so uniform weights give the unweighted loss.
+        label_smoothing: in ``[0, 1)``; the target becomes ``(1 - eps) * onehot + eps / K``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]``).
+
+    Returns:
+        Scalar loss (or ``[B]`` for ``reduction="none"``).
+
+    Examples::
+
+        >>> expression_loss(torch.randn(4, 7), torch.tensor([0, 3, 6, 2]), label_smoothing=0.1)
+        tensor(...)
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise ValueError(f"logits must be a Tensor of shape [B, K], received {_desc(logits)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, received {logits.dtype}")
+    b, k = logits.shape
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), received {label_smoothing}")
+    if not isinstance(target, Tensor):
+        raise TypeError(
+            f"target must be a Tensor [B]={[b]} (indices) or [B, K]={[b, k]}, received {type(target).__name__}"
+        )
+    if target.ndim == 1:
+        if target.shape[0] != b:
+            raise ValueError(f"target must have shape [B]=[{b}], received {tuple(target.shape)}")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"class-index target must be an integer tensor, received {target.dtype}")
+        if b and (int(target.min()) < 0 or int(target.max()) >= k):
+            raise ValueError(
+                f"target class indices must be in [0, {k}) for K={k} logits, "
+                f"received values in [{int(target.min())}, {int(target.max())}]"
+            )
+        target = target.long()
+    elif target.ndim == 2:
+        if tuple(target.shape) != (b, k):
+            raise ValueError(f"probability target must have shape [B, K]=[{b}, {k}], received {tuple(target.shape)}")
+        if not target.is_floating_point():
+            raise TypeError(f"[B, K] target must hold probabilities (floating point), received {target.dtype}")
+    else:
+        raise ValueError(f"target must have shape [B]=[{b}] or [B, K]=[{b}, {k}], received {tuple(target.shape)}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (k,):
+            raise ValueError(f"weight must be a Tensor of shape [K]=[{k}], received {_desc(weight)}")
+        if bool((weight < 0).any()):
+            raise ValueError("weight must be non-negative")
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def au_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    pos_weight: Tensor | None = None,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Binary cross-entropy with logits for multi-label AU detection (paper eqs. 8 and 13).
+
+    Args:
+        logits: ``[..., M]`` AU logits, e.g. ``[B, M]`` (centre frame) or ``[B, T, M]`` (all frames).
+        target: same shape as ``logits``; values in ``[0, 1]`` (0/1 labels, or soft labels).
+        pos_weight: optional ``[M]`` positive weights (> 0) multiplying the positive term, e.g.
+            ``#negatives / #positives`` per AU from the training set.
+        mask: optional bool (or 0/1) tensor whose shape is a leading part of ``logits.shape``
+            (``[B]``, ``[B, T]``, or the full ``[..., M]``); **True / 1 = this element counts**.
+            Masked-out samples, frames or AUs contribute nothing to the loss or its gradient.
+        reduction: ``"mean"`` -- mean over counted elements (zero, still attached to the graph,
+            when nothing counts); ``"sum"``; ``"none"`` -- elementwise ``[..., M]`` with zeros at
+            masked-out elements.
+
+    Returns:
+        Scalar loss (or ``[..., M]`` for ``reduction="none"``).
+
+    Examples::
+
+        >>> logits, y = torch.randn(2, 16, 12), torch.randint(0, 2, (2, 16, 12)).float()
+        >>> valid = torch.ones(2, 16, dtype=torch.bool); valid[1, 10:] = False  # padded frames
+        >>> au_loss(logits, y, mask=valid)
+        tensor(...)
+    """
+    if not isinstance(logits, Tensor) or logits.ndim < 1:
+        raise ValueError(f"logits must be a Tensor of shape [..., M], received {_desc(logits)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, received {logits.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
+    if not isinstance(target, Tensor) or target.shape != logits.shape:
+        raise ValueError(f"target must have the logits' shape {tuple(logits.shape)}, received {_desc(target)}")
+    target = target.to(logits.dtype)
+    if target.numel() and bool(((target < 0) | (target > 1)).any()):
+        raise ValueError(
+            f"target values must be in [0, 1], received values in [{float(target.min())}, {float(target.max())}]"
+        )
+    m = logits.shape[-1]
+    if pos_weight is not None:
+        if not isinstance(pos_weight, Tensor) or tuple(pos_weight.shape) != (m,):
+            raise ValueError(f"pos_weight must be a Tensor of shape [M]=[{m}], received {_desc(pos_weight)}")
+        if bool((pos_weight <= 0).any()) or not bool(torch.isfinite(pos_weight).all()):
+            raise ValueError("pos_weight must be finite and > 0")
+        pos_weight = pos_weight.to(device=logits.device, dtype=logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+    if mask is None:
+        if reduction == "none":
+            return loss
+        return loss.sum() if reduction == "sum" else loss.mean()
+    if not isinstance(mask, Tensor) or mask.ndim > logits.ndim or tuple(mask.shape) != tuple(logits.shape[: mask.ndim]):
+        raise ValueError(
+            f"mask must have a leading part of the logits' shape {tuple(logits.shape)} "
+            f"(e.g. [B], [B, T] or the full shape), received {_desc(mask)}"
+        )
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
+            raise TypeError(f"mask must be bool or integer 0/1 (True = counts), received {mask.dtype}")
+        mask = mask.bool()
+    full = mask.reshape(tuple(mask.shape) + (1,) * (logits.ndim - mask.ndim)).expand_as(loss)
+    # where (not multiply): a masked element may hold inf/nan logits without poisoning the result.
+    loss = torch.where(full, loss, loss.new_zeros(()))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / full.sum().clamp_min(1).to(loss.dtype)
+
+
+def joint_loss(
+    l_exp: Tensor | None,
+    l_au: Tensor | None,
+    lam: float = 2.0,
+    *,
+    renormalize_missing: bool = False,
+) -> Tensor:
+    """Joint objective of paper eq. 14: ``L_exp / (1 + lam) + lam * L_au / (1 + lam)``.
+
+    ``d total / d L_exp = 1 / (1 + lam)`` and ``d total / d L_au = lam / (1 + lam)`` (paper default
+    ``lam = 2``: 1/3 and 2/3).
+
+    A task may be missing in a step (pass ``None``). By default the present task **keeps its eq. 14
+    coefficient** (``l_exp / (1 + lam)`` or ``lam * l_au / (1 + lam)``), so a task's gradient scale
+    does not jump when the other task's loader is exhausted. With ``renormalize_missing=True`` the
+    present loss is returned unweighted (coefficient 1).
+
+    Args:
+        l_exp: scalar expression loss, or ``None``.
+        l_au: scalar AU loss, or ``None``.
+        lam: task-balancing ``lambda >= 0`` (finite).
+        renormalize_missing: see above.
+
+    Returns:
+        Scalar total loss.
+
+    Raises:
+        ValueError: both losses are ``None``, a loss is not a scalar, or ``lam`` is invalid.
+
+    Examples::
+
+        >>> joint_loss(torch.tensor(0.9), torch.tensor(0.3), lam=2.0)
+        tensor(0.5000)
+    """
+    lam = float(lam)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, received {lam}")
+    if l_exp is None and l_au is None:
+        raise ValueError("joint_loss needs at least one of l_exp, l_au; received None for both")
+    for name, val in (("l_exp", l_exp), ("l_au", l_au)):
+        if val is not None and (not isinstance(val, Tensor) or val.ndim != 0):
+            raise ValueError(f"{name} must be a scalar (0-d) Tensor or None, received {_desc(val)}")
+    w_exp, w_au = 1.0 / (1.0 + lam), lam / (1.0 + lam)
+    if l_au is None:
+        return l_exp if renormalize_missing else l_exp * w_exp
+    if l_exp is None:
+        return l_au if renormalize_missing else l_au * w_au
+    return l_exp * w_exp + l_au * w_au
+
+
+def _desc(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,656 @@
+"""Evaluation metrics for AU detection and expression recognition, as the field reports them.
+
+Conventions (see ``docs/metrics.md``):
+
+* Argument order is ``(preds, target)`` (torchmetrics / scikit-learn's ``(y_pred, y_true)`` reversed
+  like torchmetrics). Values are fractions in ``[0, 1]``, never percentages.
+* AU predictions are **probabilities** in ``[0, 1]`` (apply ``torch.sigmoid`` to logits first); an
+  AU is predicted active iff ``prob >= threshold`` (a tie at the threshold counts as positive).
+* An AU's F1 is **undefined** (NaN) when it has no positive labels and no positive predictions
+  (``2TP + FP + FN = 0``); undefined AUs are excluded from the mean, and the mean is NaN when every
+  AU is undefined. ``zero_division=0.0`` counts them as 0 instead (scikit-learn's default and the
+  released SSM code's behaviour).
+* An AU's AUC is undefined (NaN, excluded from the mean) when its targets hold a single class.
+* UAR is the mean recall over the classes **present in the targets**; classes without support are
+  ignored (their recall is NaN in ``per_class_recall``). WAR is plain accuracy.
+* :func:`tuned_au_f1` chooses thresholds / temporal votes on the labels it is scored on. It is an
+  **optimistic** number, reported only under that explicit name (the released SSM code reports it).
+
+Streaming meters (:class:`AUMeter`, :class:`ExpressionMeter`) accumulate over batches and, when
+``torch.distributed`` is initialised, reduce across ranks in ``compute()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "au_f1",
+    "au_auc",
+    "per_class_recall",
+    "uar",
+    "war",
+    "confusion_matrix",
+    "tuned_au_f1",
+    "AUMeter",
+    "ExpressionMeter",
+]
+
+OPTIMISTIC_NOTE = (
+    "optimistic: threshold(s) and temporal vote were selected to maximise F1 on the same labels they "
+    "are scored on; this is not a held-out estimate (report au_f1 at threshold 0.5 as the main number)"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _desc(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_probs(probs: Tensor, name: str = "probs", min_dims: int = 2) -> None:
+    if not isinstance(probs, Tensor) or probs.ndim < min_dims:
+        shape = "[N, M]" if min_dims == 2 else "[..., M]"
+        raise ValueError(f"{name} must be a Tensor of shape {shape}, received {_desc(probs)}")
+    if not probs.is_floating_point():
+        raise TypeError(f"{name} must be floating point probabilities, received {probs.dtype}")
+    if probs.numel():
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError(f"{name} must be finite, received NaN or inf values")
+        lo, hi = float(probs.min()), float(probs.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"{name} must be probabilities in [0, 1] (apply torch.sigmoid to logits), "
+                f"received values in [{lo:.6g}, {hi:.6g}]"
+            )
+
+
+def _binary_target(target: Tensor, shape: torch.Size, name: str = "target") -> Tensor:
+    if not isinstance(target, Tensor) or target.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (same as probs), received {_desc(target)}")
+    if target.dtype == torch.bool:
+        return target
+    if target.numel() and bool(((target != 0) & (target != 1)).any()):
+        raise ValueError(f"{name} must contain only 0 and 1, received other values")
+    return target != 0
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], received {threshold}")
+    return threshold
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, received {num_classes!r}")
+    return num_classes
+
+
+def _class_pred(pred: Tensor, num_classes: int | None, name: str = "pred") -> Tensor:
+    """``[N]`` indices or ``[N, K]`` logits/probabilities -> ``[N]`` long indices."""
+    if not isinstance(pred, Tensor):
+        raise TypeError(
+            f"{name} must be a Tensor [N] (class indices) or [N, K] (logits), received {type(pred).__name__}"
+        )
+    if pred.ndim == 2:
+        if not pred.is_floating_point():
+            raise TypeError(f"[N, K] {name} must be floating point scores, received {pred.dtype}")
+        if num_classes is not None and pred.shape[1] != num_classes:
+            raise ValueError(f"{name} scores must have shape [N, K={num_classes}], received {tuple(pred.shape)}")
+        return pred.argmax(dim=1)
+    if pred.ndim == 1:
+        if pred.is_floating_point() or pred.dtype == torch.bool or pred.is_complex():
+            raise TypeError(f"[N] {name} must hold integer class indices, received {pred.dtype}")
+        pred = pred.long()
+        if num_classes is not None and pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+            raise ValueError(
+                f"{name} class indices must be in [0, {num_classes}), "
+                f"received values in [{int(pred.min())}, {int(pred.max())}]"
+            )
+        return pred
+    raise ValueError(f"{name} must have shape [N] (class indices) or [N, K] (scores), received {tuple(pred.shape)}")
+
+
+def _class_target(target: Tensor, n: int, num_classes: int | None) -> Tensor:
+    if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] != n:
+        raise ValueError(f"target must be a Tensor of class indices with shape [N]=[{n}], received {_desc(target)}")
+    return _class_pred(target, num_classes, name="target")
+
+
+def _f1_from_counts(tp: Tensor, fp: Tensor, fn: Tensor, zero_division: float) -> Tensor:
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    den = 2 * tp + fp + fn
+    return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.full_like(den, float(zero_division)))
+
+
+def _nanmean(x: Tensor) -> float:
+    ok = ~torch.isnan(x)
+    if not bool(ok.any()):
+        return math.nan
+    return float(x[ok].mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# AU metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _au_counts(probs: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    pred = probs >= threshold
+    tp = (pred & target).sum(0)
+    fp = (pred & ~target).sum(0)
+    fn = (~pred & target).sum(0)
+    return tp, fp, fn
+
+
+def au_f1(
+    probs: Tensor, target: Tensor, threshold: float = 0.5, *, zero_division: float = math.nan
+) -> dict[str, Tensor | float]:
+    """Per-AU F1 at a fixed threshold and its mean (the standard BP4D / DISFA metric).
+
+    ``F1_j = 2 TP_j / (2 TP_j + FP_j + FN_j)`` with ``pred = probs >= threshold``.
+
+    Args:
+        probs: ``[N, M]`` probabilities in ``[0, 1]`` (N frames, M AUs).
+        target: ``[N, M]`` binary labels (bool, int or float 0/1).
+        threshold: decision threshold in ``[0, 1]``; ties count as positive.
+        zero_division: value of an undefined F1 (no positive labels and no positive predictions).
+            Default NaN: reported as undefined and excluded from the mean. ``0.0`` reproduces
+            scikit-learn's default and the released SSM code.
+
+    Returns:
+        ``{"per_au": float64 Tensor[M] (CPU), "mean": float}``; ``mean`` is NaN if every AU is
+        undefined.
+
+    Examples::
+
+        >>> au_f1(torch.tensor([[0.9, 0.2], [0.4, 0.1]]), torch.tensor([[1, 0], [1, 0]]))["per_au"]
+        tensor([0.6667,    nan], dtype=torch.float64)
+    """
+    _check_probs(probs)
+    tgt = _binary_target(target, probs.shape)
+    tp, fp, fn = _au_counts(probs, tgt, _check_threshold(threshold))
+    per_au = _f1_from_counts(tp, fp, fn, zero_division).cpu()
+    return {"per_au": per_au, "mean": _nanmean(per_au)}
+
+
+def _auc_1d(score: Tensor, pos: Tensor) -> float:
+    n = score.numel()
+    n_pos = int(pos.sum())
+    n_neg = n - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    sorted_score, order = torch.sort(score)
+    _, inverse, counts = torch.unique_consecutive(sorted_score, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg_rank = ends - (counts.double() - 1) / 2  # 1-based mean rank of each tie group
+    ranks = torch.empty(n, dtype=torch.float64, device=score.device)
+    ranks[order] = avg_rank[inverse]
+    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def au_auc(probs: Tensor, target: Tensor) -> dict[str, Tensor | float]:
+    """Per-AU ROC AUC (Mann-Whitney statistic with tied scores counted as 1/2) and its mean.
+
+    Args:
+        probs: ``[N, M]`` scores in ``[0, 1]``.
+        target: ``[N, M]`` binary labels.
+
+    Returns:
+        ``{"per_au": float64 Tensor[M] (CPU), "mean": float}``; an AU whose targets hold a single
+        class is undefined (NaN) and excluded from the mean.
+    """
+    _check_probs(probs)
+    tgt = _binary_target(target, probs.shape)
+    per_au = torch.tensor(
+        [_auc_1d(probs[:, j], tgt[:, j]) for j in range(probs.shape[1])], dtype=torch.float64
+    )
+    return {"per_au": per_au, "mean": _nanmean(per_au)}
+
+
+def _segment_bounds(segment_ids: Tensor | None, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """First and last row index of the segment each row belongs to."""
+    if segment_ids is None:
+        return torch.zeros(n, dtype=torch.long, device=device), torch.full((n,), n - 1, dtype=torch.long, device=device)
+    if not isinstance(segment_ids, Tensor) or segment_ids.shape != (n,) or segment_ids.is_floating_point():
+        raise ValueError(f"segment_ids must be an integer Tensor of shape [N]=[{n}], received {_desc(segment_ids)}")
+    seg = segment_ids.to(device)
+    change = torch.ones(n, dtype=torch.bool, device=device)
+    change[1:] = seg[1:] != seg[:-1]
+    run = change.long().cumsum(0) - 1
+    run_ids = seg[change]
+    if torch.unique(run_ids).numel() != run_ids.numel():
+        raise ValueError(
+            "segment_ids must list each segment's frames as one consecutive run of rows in temporal order; "
+            "some segment id appears in two separate runs"
+        )
+    starts = torch.nonzero(change).flatten()
+    ends = torch.cat([starts[1:] - 1, torch.tensor([n - 1], device=device)])
+    return starts[run], ends[run]
+
+
+def tuned_au_f1(
+    probs: Tensor,
+    target: Tensor,
+    thresholds: Sequence[float] | None = None,
+    vote_windows: Sequence[int] = (0,),
+    *,
+    vote_fractions: Sequence[float] = (0.5,),
+    per_au: bool = False,
+    segment_ids: Tensor | None = None,
+    zero_division: float = math.nan,
+) -> dict[str, object]:
+    """F1 with threshold(s) and a temporal vote **tuned on the labels it is given -- optimistic**.
+
+    For every candidate (threshold ``th``, vote half-width ``K``, vote fraction ``p``) frames are
+    binarised (``prob >= th``), then each frame is replaced by a vote over the ``W = 2K + 1``-frame
+    window around it (edge frames repeated at segment ends): positive iff
+    ``#positives in window >= p * W``. The candidate with the best mean F1 (``per_au=False``: one
+    global choice, as in the released SSM code) or the best F1 for each AU (``per_au=True``, even
+    more optimistic; an AU without positive labels then prefers predicting nothing, which leaves its
+    F1 undefined and excluded from the mean) is kept. Ties go to the smallest window, then the
+    fraction nearest 0.5, then the threshold nearest 0.5.
+
+    Because the choice is made on the evaluation labels themselves, the result is an optimistic,
+    not held-out, estimate; it is what the released code prints as "Best post-processed F1" (use
+    ``thresholds=[i / 100 for i in range(1, 100)], vote_windows=(3,), vote_fractions=(0.3,),
+    zero_division=0.0``; the release votes across the whole concatenated test set, i.e.
+    ``segment_ids=None``). Select on a validation split and apply with fixed values for an honest
+    number.
+
+    Cost: memory ``O(len(thresholds) * N * M)``; time grows with the number of (K, p) candidates
+    and the window widths.
+
+    Args:
+        probs: ``[N, M]`` probabilities, rows in temporal order within each segment.
+        target: ``[N, M]`` binary labels.
+        thresholds: candidate thresholds in ``[0, 1]``; default ``0.01, 0.02, ..., 0.99``.
+        vote_windows: candidate half-widths ``K >= 0`` (``0`` = no vote).
+        vote_fractions: candidate fractions ``p`` in ``(0, 1]``.
+        per_au: choose per AU instead of one global choice.
+        segment_ids: optional integer ``[N]``; rows sharing an id form one continuous sequence
+            (consecutive rows) and votes never cross segments. ``None`` = one sequence.
+        zero_division: value of an undefined F1 (see :func:`au_f1`).
+
+    Returns:
+        ``{"per_au": Tensor[M], "mean": float, "threshold", "vote_window", "vote_fraction"`` (floats/
+        ints, or Tensors ``[M]`` when ``per_au``), ``"optimistic": True, "note": str}``.
+    """
+    _check_probs(probs)
+    tgt = _binary_target(target, probs.shape)
+    n, m = probs.shape
+    if n == 0:
+        raise ValueError("probs must hold at least one frame, received N=0")
+    ths = [i / 100 for i in range(1, 100)] if thresholds is None else [_check_threshold(t) for t in thresholds]
+    ks = sorted({int(k) for k in vote_windows})
+    ps = [float(p) for p in vote_fractions]
+    if not ths or not ks or not ps:
+        raise ValueError("thresholds, vote_windows and vote_fractions must be non-empty")
+    if ks[0] < 0:
+        raise ValueError(f"vote_windows must be half-widths K >= 0, received {list(vote_windows)}")
+    if any(not 0.0 < p <= 1.0 for p in ps):
+        raise ValueError(f"vote_fractions must be in (0, 1], received {ps}")
+    # preference order used for tie-breaking
+    ths = sorted(set(ths), key=lambda t: (abs(t - 0.5), t))
+    ps = sorted(set(ps), key=lambda p: (abs(p - 0.5), p))
+    dev = probs.device
+    th_t = torch.tensor(ths, dtype=probs.dtype, device=dev)
+    binary = probs.unsqueeze(0) >= th_t[:, None, None]  # [H, N, M]
+    starts, ends = _segment_bounds(segment_ids, n, dev)
+    rows = torch.arange(n, device=dev)
+    n_pos = tgt.sum(0)
+    f1_grid, rules = [], []
+    for k in ks:
+        counts = torch.zeros(binary.shape, dtype=torch.int32, device=dev)
+        for off in range(-k, k + 1):
+            idx = torch.minimum(torch.maximum(rows + off, starts), ends)
+            counts += binary[:, idx, :]
+        w = 2 * k + 1
+        for p in ps:
+            pred = counts >= p * w
+            tp = (pred & tgt).sum(1)
+            fp = pred.sum(1) - tp
+            f1_grid.append(_f1_from_counts(tp, fp, n_pos - tp, zero_division))  # [H, M]
+            rules.append((k, p))
+    grid = torch.stack(f1_grid).cpu()  # [R, H, M]
+    n_rules, n_th = grid.shape[:2]
+    if not per_au:
+        score = torch.tensor([[_nanmean(grid[r, h]) for h in range(n_th)] for r in range(n_rules)])
+        best = int(torch.nan_to_num(score, nan=-math.inf).flatten().argmax())
+        r, h = divmod(best, n_th)
+        res = grid[r, h]
+        out: dict[str, object] = {
+            "per_au": res,
+            "mean": _nanmean(res),
+            "threshold": ths[h],
+            "vote_window": rules[r][0],
+            "vote_fraction": rules[r][1],
+        }
+    else:
+        # An undefined F1 only happens for an AU without positive labels when nothing is predicted
+        # positive -- the best possible outcome for that AU -- so it ranks above every defined value.
+        flat = torch.nan_to_num(grid, nan=math.inf).reshape(n_rules * n_th, m)
+        best = flat.argmax(0)
+        r_idx, h_idx = best // n_th, best % n_th
+        res = grid[r_idx, h_idx, torch.arange(m)]
+        out = {
+            "per_au": res,
+            "mean": _nanmean(res),
+            "threshold": torch.tensor([ths[int(h)] for h in h_idx], dtype=torch.float64),
+            "vote_window": torch.tensor([rules[int(r)][0] for r in r_idx]),
+            "vote_fraction": torch.tensor([rules[int(r)][1] for r in r_idx], dtype=torch.float64),
+        }
+    out["optimistic"] = True
+    out["note"] = OPTIMISTIC_NOTE
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# expression metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Confusion counts ``C[i, j]`` = #samples with target ``i`` predicted as ``j`` (rows = target).
+
+    Args:
+        pred: ``[N]`` class indices or ``[N, K]`` scores (argmax; ties -> lowest index).
+        target: ``[N]`` class indices in ``[0, K)``.
+        num_classes: ``K``.
+
+    Returns:
+        ``int64 Tensor[K, K]`` on the inputs' device.
+    """
+    k = _check_num_classes(num_classes)
+    p = _class_pred(pred, k)
+    t = _class_target(target, p.shape[0], k).to(p.device)
+    return torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def _recall_from_cm(cm: Tensor) -> Tensor:
+    cm = cm.double().cpu()
+    support = cm.sum(1)
+    return torch.where(support > 0, cm.diagonal() / support.clamp_min(1), torch.full_like(support, math.nan))
+
+
+def per_class_recall(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Recall (per-class accuracy) of each class; NaN for classes absent from ``target``.
+
+    Args:
+        pred: ``[N]`` class indices or ``[N, K]`` scores.
+        target: ``[N]`` class indices.
+        num_classes: ``K``.
+
+    Returns:
+        float64 ``Tensor[K]`` (CPU).
+    """
+    return _recall_from_cm(confusion_matrix(pred, target, num_classes))
+
+
+def uar(pred: Tensor, target: Tensor, num_classes: int) -> float:
+    """Unweighted average recall: mean recall over the classes present in ``target``.
+
+    Classes without support are ignored (not counted as 0 or 1).
+
+    Args:
+        pred: ``[N]`` class indices or ``[N, K]`` scores.
+        target: ``[N]`` class indices.
+        num_classes: ``K``.
+
+    Returns:
+        UAR in ``[0, 1]``.
+
+    Examples::
+
+        >>> uar(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), num_classes=3)
+        0.8333333333333333
+    """
+    rec = per_class_recall(pred, target, num_classes)
+    if bool(torch.isnan(rec).all()):
+        raise ValueError("uar needs at least one sample, received N=0")
+    return _nanmean(rec)
+
+
+def war(pred: Tensor, target: Tensor) -> float:
+    """Weighted average recall = accuracy over all samples.
+
+    Args:
+        pred: ``[N]`` class indices or ``[N, K]`` scores.
+        target: ``[N]`` class indices.
+
+    Returns:
+        WAR in ``[0, 1]``.
+    """
+    p = _class_pred(pred, None)
+    t = _class_target(target, p.shape[0], None).to(p.device)
+    if p.numel() == 0:
+        raise ValueError("war needs at least one sample, received N=0")
+    return float((p == t).double().mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# streaming meters
+# --------------------------------------------------------------------------------------------------
+
+
+def _dist_on(group: object | None) -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _comm_device(group: object | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
+    dev = _comm_device(group)
+    buf = t.to(dev, copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device)
+
+
+def _all_gather_rows(t: Tensor, group: object | None) -> Tensor:
+    """Concatenate ``[n_r, ...]`` tensors of all ranks in rank order (n_r may differ)."""
+    dev = _comm_device(group)
+    world = dist.get_world_size(group)
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes_i = [int(s) for s in sizes]
+    buf = torch.zeros((max(sizes_i),) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    buf[: t.shape[0]] = t.to(dev)
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=group)
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes_i)]).to(t.device)
+
+
+class AUMeter:
+    """Streaming AU metrics: F1 at a fixed threshold (from counts) and AUC (from stored scores).
+
+    ``update`` accumulates; ``compute`` returns the metrics over everything seen so far (identical
+    to :func:`au_f1` / :func:`au_auc` on the concatenated inputs) without changing the state. When
+    ``torch.distributed`` is initialised, ``compute`` sums counts with ``all_reduce`` and gathers
+    scores from every rank (NCCL: via the current CUDA device; other backends: via CPU). Samples
+    duplicated by a ``DistributedSampler`` are counted twice, as in torchmetrics.
+
+    Args:
+        num_aus: ``M``.
+        threshold: F1 threshold (``prob >= threshold`` is positive).
+        store_scores: keep probabilities for AUC (memory ``O(N * M)``); if False, AUC is ``None``.
+        zero_division: value of an undefined F1 (default NaN, see :func:`au_f1`).
+        process_group: process group to reduce over (default: the world).
+
+    Examples::
+
+        >>> meter = AUMeter(num_aus=12)
+        >>> for logits, y in batches:  # logits [B, T, 12] or [B, 12]
+        ...     meter.update(logits.sigmoid(), y, mask=valid_frames)
+        >>> meter.compute()["f1"]
+    """
+
+    def __init__(
+        self,
+        num_aus: int,
+        threshold: float = 0.5,
+        *,
+        store_scores: bool = True,
+        zero_division: float = math.nan,
+        process_group: object | None = None,
+    ) -> None:
+        if not isinstance(num_aus, int) or isinstance(num_aus, bool) or num_aus < 1:
+            raise ValueError(f"num_aus must be a positive int, received {num_aus!r}")
+        self.num_aus = num_aus
+        self.threshold = _check_threshold(threshold)
+        self.store_scores = bool(store_scores)
+        self.zero_division = float(zero_division)
+        self.process_group = process_group
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._tp = torch.zeros(self.num_aus, dtype=torch.long)
+        self._fp = torch.zeros(self.num_aus, dtype=torch.long)
+        self._fn = torch.zeros(self.num_aus, dtype=torch.long)
+        self._n = torch.zeros((), dtype=torch.long)
+        self._probs: list[Tensor] = []
+        self._targets: list[Tensor] = []
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            probs: ``[..., M]`` probabilities (e.g. ``[B, M]`` or ``[B, T, M]``).
+            target: same shape, binary.
+            mask: optional bool with the leading shape of ``probs`` (e.g. ``[B]`` or ``[B, T]``);
+                True = this frame counts (padded / unlabelled frames: False).
+        """
+        _check_probs(probs, min_dims=1)
+        if probs.shape[-1] != self.num_aus:
+            raise ValueError(f"probs must have shape [..., M={self.num_aus}], received {tuple(probs.shape)}")
+        tgt = _binary_target(target, probs.shape)
+        p2, t2 = probs.detach().reshape(-1, self.num_aus), tgt.reshape(-1, self.num_aus)
+        if mask is not None:
+            lead = tuple(probs.shape[:-1])
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead[: mask.ndim]:
+                raise ValueError(
+                    f"mask must be a bool Tensor with a leading part of shape {lead}, received {_desc(mask)}"
+                )
+            keep = mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.ndim)).expand(lead).reshape(-1)
+            keep = keep.to(p2.device)
+            p2, t2 = p2[keep], t2[keep]
+        tp, fp, fn = _au_counts(p2, t2, self.threshold)
+        dev = p2.device
+        if self._tp.device != dev:
+            self._tp, self._fp, self._fn, self._n = (x.to(dev) for x in (self._tp, self._fp, self._fn, self._n))
+        self._tp += tp
+        self._fp += fp
+        self._fn += fn
+        self._n += p2.shape[0]
+        if self.store_scores:
+            self._probs.append(p2.double())
+            self._targets.append(t2.clone())
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, object]:
+        """Metrics over all updates (all ranks when distributed).
+
+        Returns:
+            ``{"f1": float, "f1_per_au": Tensor[M], "auc": float | None, "auc_per_au": Tensor[M] |
+            None, "threshold": float, "num_samples": int}`` (per-AU tensors: float64 on CPU).
+        """
+        tp, fp, fn, n = self._tp, self._fp, self._fn, self._n
+        probs = targets = None
+        if self.store_scores:
+            dev = tp.device
+            empty = (0, self.num_aus)
+            probs = torch.cat(self._probs) if self._probs else torch.zeros(empty, dtype=torch.float64, device=dev)
+            targets = torch.cat(self._targets) if self._targets else torch.zeros(empty, dtype=torch.bool, device=dev)
+        if _dist_on(self.process_group):
+            g = self.process_group
+            tp, fp, fn, n = (_all_reduce_sum(x, g) for x in (tp, fp, fn, n))
+            if probs is not None:
+                probs = _all_gather_rows(probs, g)
+                targets = _all_gather_rows(targets.to(torch.uint8), g).bool()
+        if int(n) == 0:
+            raise ValueError("AUMeter.compute() called before any sample was added with update()")
+        f1 = _f1_from_counts(tp, fp, fn, self.zero_division).cpu()
+        out: dict[str, object] = {"f1": _nanmean(f1), "f1_per_au": f1, "auc": None, "auc_per_au": None}
+        if probs is not None:
+            auc = au_auc(probs, targets)
+            out["auc"], out["auc_per_au"] = auc["mean"], auc["per_au"]
+        out["threshold"] = self.threshold
+        out["num_samples"] = int(n)
+        return out
+
+    def __repr__(self) -> str:
+        return f"AUMeter(num_aus={self.num_aus}, threshold={self.threshold}, store_scores={self.store_scores})"
+
+
+class ExpressionMeter:
+    """Streaming expression metrics from an accumulated confusion matrix (UAR, WAR, per-class recall).
+
+    ``compute`` all-reduces the confusion matrix when ``torch.distributed`` is initialised.
+
+    Args:
+        num_classes: ``K``.
+        process_group: process group to reduce over (default: the world).
+    """
+
+    def __init__(self, num_classes: int, *, process_group: object | None = None) -> None:
+        self.num_classes = _check_num_classes(num_classes)
+        self.process_group = process_group
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch: ``pred`` ``[N]`` class indices or ``[N, K]`` scores, ``target`` ``[N]``."""
+        cm = confusion_matrix(pred, target, self.num_classes)
+        if self._cm.device != cm.device:
+            self._cm = self._cm.to(cm.device)
+        self._cm += cm
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, object]:
+        """Metrics over all updates (all ranks when distributed).
+
+        Returns:
+            ``{"uar": float, "war": float, "per_class_recall": Tensor[K] (NaN = no support),
+            "confusion_matrix": int64 Tensor[K, K] (rows = target), "num_samples": int}`` on CPU.
+        """
+        cm = self._cm
+        if _dist_on(self.process_group):
+            cm = _all_reduce_sum(cm, self.process_group)
+        cm = cm.cpu()
+        n = int(cm.sum())
+        if n == 0:
+            raise ValueError("ExpressionMeter.compute() called before any sample was added with update()")
+        rec = _recall_from_cm(cm)
+        return {
+            "uar": _nanmean(rec),
+            "war": float(cm.diagonal().sum()) / n,
+            "per_class_recall": rec,
+            "confusion_matrix": cm,
+            "num_samples": n,
+        }
+
+    def __repr__(self) -> str:
+        return f"ExpressionMeter(num_classes={self.num_classes})"
