@@ -63,6 +63,19 @@ from .metrics import (
 )
 from .temporal import ClipTemporalHead, FrameTemporalHead, TemporalTransformer
 
+from .moe import (
+    SSM_RELEASE_MOE_KWARGS,
+    MoEFFN,
+    inject_moe_,
+    load_pre_injection_state_dict,
+    map_pre_injection_state_dict,
+    moe_aux_loss,
+    moe_load_stats,
+    moe_parameter_groups,
+    moe_task_context,
+)
+from .ops.grouped_experts import grouped_expert_mlp
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -82,6 +95,17 @@ __all__ = [
     "au_descriptions",
     "expression_descriptions",
     "prior_matrix",
+    # MoE
+    "MoEFFN",
+    "moe_task_context",
+    "moe_aux_loss",
+    "moe_load_stats",
+    "SSM_RELEASE_MOE_KWARGS",
+    "inject_moe_",
+    "map_pre_injection_state_dict",
+    "load_pre_injection_state_dict",
+    "moe_parameter_groups",
+    "grouped_expert_mlp",
     # text side
     "CLIPTextTower",
     "PromptLearner",

@@ -17,6 +17,10 @@ EXPECTED = {
     "facs", "AU", "AUS", "BP4D_AUS", "DISFA_AUS", "EXPRESSIONS", "EXPRESSIONS_7", "EXPRESSIONS_11",
     "TABLE_S4_AUS", "Expression", "UnknownLabelError", "au_descriptions", "expression_descriptions",
     "prior_matrix",
+    # MoE
+    "MoEFFN", "moe_task_context", "moe_aux_loss", "moe_load_stats", "SSM_RELEASE_MOE_KWARGS",
+    "inject_moe_", "map_pre_injection_state_dict", "load_pre_injection_state_dict",
+    "moe_parameter_groups", "grouped_expert_mlp",
     # text side
     "CLIPTextTower", "PromptLearner", "TextPrototypes", "DynamicPriorMapping", "LinearSemanticMapping",
     "MLPSemanticMapping", "CosineClassifier",

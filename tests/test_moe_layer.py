@@ -1,0 +1,340 @@
+"""MoEFFN: routing semantics, backend parity (outputs and every gradient), task routing, layouts, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from facelayers.moe import (
+    SSM_RELEASE_MOE_KWARGS,
+    MoEFFN,
+    moe_aux_loss,
+    moe_load_stats,
+    moe_task_context,
+)
+
+PARAM_NAMES = ("router_weight", "router_bias", "w1", "b1", "w2", "b2", "gamma")
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def make_layer(seed: int, d: int, h: int, e: int, k: int, t: int, dtype=torch.float64, **kw) -> MoEFFN:
+    g = torch.Generator().manual_seed(seed)
+    shared = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)).to(dtype)
+    layer = MoEFFN(shared, d, num_experts=e, hidden_dim=h, top_k=k, num_tasks=t, dtype=dtype, **kw)
+    with torch.no_grad():  # well-separated router logits (no top-k ties) and non-trivial biases
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.5)
+    return layer
+
+
+def layer_reference(layer: MoEFFN, x: torch.Tensor, task_of_token: torch.Tensor) -> torch.Tensor:
+    """Independent slow version of the paper's eqs. S1-S2 for x: [N, D] (each token its own experts)."""
+    out = []
+    for n in range(x.shape[0]):
+        t = int(task_of_token[n])
+        logits = x[n] @ layer.router_weight[t].T + layer.router_bias[t]
+        probs = torch.softmax(logits, -1)
+        top_p, top_i = probs.topk(layer.top_k)
+        if layer.renormalize:
+            top_p = top_p / top_p.sum()
+        acc = torch.zeros_like(x[n])
+        for j in range(layer.top_k):
+            e = int(top_i[j])
+            hid = F.gelu(x[n] @ layer.w1[t, e] + layer.b1[t, e])
+            acc = acc + top_p[j] * (hid @ layer.w2[t, e] + layer.b2[t, e])
+        out.append(layer.shared(x[n]) + layer.gamma * acc)
+    return torch.stack(out)
+
+
+def grads_of(layer: MoEFFN, x: torch.Tensor, gout: torch.Tensor, **fw):
+    layer.zero_grad(set_to_none=True)
+    xx = x.detach().clone().requires_grad_(True)
+    out = layer(xx, **fw)
+    (out * gout).sum().backward()
+    grads = {"x": xx.grad}
+    grads.update({n: getattr(layer, n).grad.clone() for n in PARAM_NAMES})
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("gamma", ["vector", "scalar"])
+def test_layer_matches_independent_reference(renormalize, gamma):
+    """Every token is processed by the experts IT picked (the released code's mix-up is not reproduced)."""
+    layer = make_layer(0, 6, 5, 4, 2, 2, renormalize=renormalize, gamma=gamma).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    tasks = torch.tensor([1, 0, 1])
+    out = layer(x, task_ids=tasks)
+    want = layer_reference(layer, x.reshape(-1, 6), tasks.repeat_interleave(4)).view_as(x)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 3),
+    seq=st.integers(1, 4),
+    d=st.integers(1, 8),
+    h=st.integers(1, 8),
+    e=st.integers(1, 4),
+    k_raw=st.integers(1, 3),
+    t=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    gamma=st.sampled_from(["vector", "scalar"]),
+)
+def test_torch_backend_matches_reference_backend(seed, b, seq, d, h, e, k_raw, t, dtype, gamma):
+    k = min(k_raw, e)
+    layer = make_layer(seed, d, h, e, k, t, dtype=dtype, gamma=gamma).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(b, seq, d, generator=g, dtype=torch.float64).to(dtype)
+    gout = torch.randn(b, seq, d, generator=g, dtype=torch.float64).to(dtype)
+    tasks = torch.randint(0, t, (b,), generator=g)
+    layer.backend = "torch"
+    out_t, g_t = grads_of(layer, x, gout, task_ids=tasks)
+    layer.backend = "reference"
+    out_r, g_r = grads_of(layer, x, gout, task_ids=tasks)
+    torch.testing.assert_close(out_t, out_r, **TOL[dtype], msg=lambda m: f"out: {m}")
+    for name in ("x",) + PARAM_NAMES:
+        torch.testing.assert_close(g_t[name], g_r[name], **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**31 - 1), e=st.integers(2, 4))
+def test_bf16_layer_close_to_fp64(seed, e):
+    layer64 = make_layer(seed, 16, 12, e, 2, 2).eval()
+    layer16 = make_layer(seed, 16, 12, e, 2, 2, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for p16, p64 in zip(layer16.parameters(), layer64.parameters()):
+            p64.copy_(p16.double())  # identical values, so only precision differs
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).bfloat16()
+    tasks = torch.tensor([0, 1])
+    out16 = layer16(x, task_ids=tasks)
+    out64 = layer64(x.double(), task_ids=tasks)
+    assert out16.dtype == torch.bfloat16
+    rel = ((out16.double() - out64).norm() / out64.norm()).item()
+    assert rel < 3e-2, f"bf16 layer relative error {rel:.3g}"
+
+
+def test_gradcheck_layer_fp64():
+    layer = make_layer(2, 3, 2, 3, 2, 2).eval()
+    params = {n: getattr(layer, n).detach().clone().requires_grad_(True) for n in PARAM_NAMES}
+    x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    tasks = torch.tensor([1, 0])
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(PARAM_NAMES, ps)), (x,), {"task_ids": tasks})
+
+    assert torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_mixed_task_batch_equals_each_task_separately():
+    layer = make_layer(3, 8, 6, 4, 2, 2).eval()
+    x = torch.randn(5, 7, 8, dtype=torch.float64)
+    tasks = torch.tensor([0, 1, 1, 0, 1])
+    with moe_task_context(layer, tasks):
+        mixed = layer(x)
+    for t in (0, 1):
+        sel = tasks == t
+        with moe_task_context(layer, t):
+            alone = layer(x[sel])
+        torch.testing.assert_close(mixed[sel], alone, rtol=1e-12, atol=1e-12)
+    # and the two tasks really differ
+    assert not torch.allclose(layer(x, task_ids=0), layer(x, task_ids=1))
+
+
+def test_layouts_batch_first_seq_first_and_tokens():
+    layer = make_layer(4, 6, 5, 3, 2, 3).eval()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)  # [B, L, D]
+    tasks = torch.tensor([2, 0])
+    ref = layer(x, task_ids=tasks)
+    layer.batch_first = False
+    torch.testing.assert_close(layer(x.transpose(0, 1), task_ids=tasks).transpose(0, 1), ref)
+    layer.batch_first = None  # detection from the number of task ids
+    torch.testing.assert_close(layer(x.transpose(0, 1), task_ids=tasks).transpose(0, 1), ref)
+    torch.testing.assert_close(layer(x, task_ids=tasks), ref)
+    with pytest.raises(ValueError, match="cannot detect the batch dimension"):
+        layer(torch.randn(2, 2, 6, dtype=torch.float64), task_ids=tasks)
+    tokens = x.reshape(-1, 6)
+    torch.testing.assert_close(layer(tokens, task_ids=tasks.repeat_interleave(5)), ref.reshape(-1, 6))
+
+
+def test_default_task_is_zero_and_context_restores():
+    layer = make_layer(5, 4, 4, 2, 1, 2).eval()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer(x, task_ids=0))
+    with moe_task_context(layer, [1, 1, 1]):
+        with moe_task_context(layer, 0):
+            torch.testing.assert_close(layer(x), layer(x, task_ids=0))
+        torch.testing.assert_close(layer(x), layer(x, task_ids=1))
+    assert layer._task_ids is None
+
+
+def test_zero_gamma_or_zero_private_is_bit_identical_to_shared():
+    layer = make_layer(6, 8, 6, 4, 2, 2, dtype=torch.float32).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        layer.gamma.zero_()
+    assert torch.equal(layer(x, task_ids=[0, 1, 1]), layer.shared(x))
+    with torch.no_grad():
+        layer.gamma.fill_(0.3)
+        for n in ("w1", "b1", "w2", "b2"):
+            getattr(layer, n).zero_()
+    assert torch.equal(layer(x, task_ids=[0, 1, 1]), layer.shared(x))
+
+
+def test_load_stats_and_switch_aux_loss():
+    layer = make_layer(7, 6, 4, 4, 2, 2, aux_loss="switch").eval()
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    tasks = torch.tensor([0, 0, 1])
+    layer(x, task_ids=tasks)
+    load = layer.last_load
+    assert load.shape == (2, 4)
+    assert load.sum(1).tolist() == [2 * 4 * 2, 1 * 4 * 2]  # tokens of the task * top_k
+    # manual Switch loss: mean over tasks of E * sum_e f_e * P_e
+    tok_task = tasks.repeat_interleave(4)
+    manual = []
+    for t in (0, 1):
+        xt = x.reshape(-1, 6)[tok_task == t]
+        probs = torch.softmax(xt @ layer.router_weight[t].T + layer.router_bias[t], -1)
+        frac = load[t].double() / (xt.shape[0] * 2)
+        manual.append(4 * (frac * probs.mean(0)).sum())
+    torch.testing.assert_close(layer.aux_loss, torch.stack(manual).mean())
+    torch.testing.assert_close(layer.last_router_prob[1], probs.mean(0).detach())
+    layer.aux_loss.backward()
+    assert layer.router_weight.grad.abs().sum() > 0
+    assert moe_aux_loss(layer) is not None and set(moe_load_stats(nn.Sequential(layer))) == {"0"}
+    plain = make_layer(7, 6, 4, 4, 2, 2).eval()
+    plain(x.detach())
+    assert plain.aux_loss is None and moe_aux_loss(plain) is None
+
+
+def test_router_noise_only_in_training():
+    layer = make_layer(8, 6, 4, 4, 2, 1, noise_std=1e-2)
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    layer.train()
+    a, b = layer(x), layer(x)
+    assert not torch.equal(a, b)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_release_options_scalar_gamma_and_unnormalised_gates():
+    shared = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    kw = dict(SSM_RELEASE_MOE_KWARGS, hidden_dim=4)
+    layer = MoEFFN(shared, 8, **kw).eval()
+    assert layer.gamma.shape == () and layer.num_tasks == 1 and not layer.renormalize
+    assert layer.noise_std == pytest.approx(1e-2)
+    _, gates, _ = layer._route(torch.randn(5, 8), None)
+    assert (gates.sum(-1) < 1).all()
+    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+def test_autocast_bf16_cpu():
+    layer = make_layer(9, 16, 8, 4, 2, 2, dtype=torch.float32).eval()
+    x = torch.randn(2, 6, 16)
+    ref = layer(x, task_ids=[0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, task_ids=[0, 1])
+    assert out.dtype == torch.bfloat16
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 3e-2, f"autocast relative error {rel:.3g}"
+
+
+def test_torch_compile_eager_backend_runs_layer():
+    layer = make_layer(10, 8, 6, 4, 2, 2, dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 8)
+    tasks = torch.tensor([1, 0])
+    compiled = torch.compile(layer, backend="eager")
+    out = compiled(x, task_ids=tasks)
+    torch.testing.assert_close(out, layer(x, task_ids=tasks))
+    out.sum().backward()
+    assert layer.w1.grad is not None
+
+
+def test_meta_device_reset_parameters_and_repr():
+    shared = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).to("meta")
+    layer = MoEFFN(shared, 8, num_experts=3, hidden_dim=5, num_tasks=2, device="meta")
+    assert layer.w1.shape == (2, 3, 8, 5) and layer.w1.is_meta
+    cpu = MoEFFN(nn.Linear(8, 8), 8, num_experts=3, hidden_dim=5, num_tasks=2)
+    assert torch.equal(cpu.b1, torch.zeros_like(cpu.b1)) and torch.allclose(cpu.gamma, torch.full((8,), 0.1))
+    assert cpu.w1.abs().max() <= (6 / 13) ** 0.5
+    r = repr(cpu)
+    for field in ("dim=8", "hidden_dim=5", "num_experts=3", "top_k=2", "num_tasks=2", "gamma='vector'"):
+        assert field in r
+
+
+def test_attribute_delegation_to_shared():
+    shared = nn.Sequential()
+    shared.add_module("c_fc", nn.Linear(4, 8))
+    shared.add_module("gelu", nn.GELU())
+    shared.add_module("c_proj", nn.Linear(8, 4))
+    layer = MoEFFN(shared, 4, num_experts=2, hidden_dim=3)
+    assert layer.c_fc is shared.c_fc and layer.c_fc.weight.dtype == torch.float32
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        layer.nonexistent
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(top_k=5, num_experts=4), r"top_k must be <= num_experts \(4\)"),
+        (dict(num_experts=0), "num_experts must be a positive int"),
+        (dict(gamma="matrix"), "gamma must be"),
+        (dict(aux_loss="zloss"), "aux_loss must be"),
+        (dict(activation="swish"), "activation must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(noise_std=-1.0), "noise_std must be >= 0"),
+    ],
+)
+def test_bad_constructor_args(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoEFFN(nn.Linear(4, 4), 4, **kwargs)
+
+
+def test_bad_forward_inputs():
+    layer = make_layer(11, 6, 4, 3, 2, 2).eval()
+    with pytest.raises(ValueError, match=r"built for dim=6, got input with last dim 5"):
+        layer(torch.randn(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rank 2"):
+        layer(torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rank 2"):
+        layer(torch.randn(1, 2, 3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 2\)"):
+        layer(torch.randn(2, 3, 6, dtype=torch.float64), task_ids=[0, 2])
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 2\)"):
+        with moe_task_context(layer, torch.tensor([-1, 0])):
+            pass
+    with pytest.raises(ValueError, match="B=2"):
+        layer(torch.randn(2, 3, 6, dtype=torch.float64), task_ids=[0, 1, 1])
+    with pytest.raises(ValueError, match="N=4"):
+        layer(torch.randn(4, 6, dtype=torch.float64), task_ids=[0, 1])
+    with pytest.raises(TypeError, match="integer tensor"):
+        layer(torch.randn(2, 3, 6, dtype=torch.float64), task_ids=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="contains no MoEFFN"):
+        with moe_task_context(nn.Linear(2, 2), 0):
+            pass
+
+
+@pytest.mark.requires_triton
+def test_layer_triton_backend_matches_torch_backend_on_cpu():
+    """Integration with the Triton op (issue 4): CPU tensors run the kernels in the interpreter."""
+    pytest.importorskip("triton")
+    try:
+        from facelayers.ops.grouped_experts.op import grouped_expert_mlp_triton  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"Triton op unavailable: {exc}")
+    layer = make_layer(12, 16, 12, 3, 2, 2, dtype=torch.float32).eval()
+    x = torch.randn(2, 5, 16)
+    gout = torch.randn(2, 5, 16)
+    tasks = torch.tensor([0, 1])
+    layer.backend = "torch"
+    out_t, g_t = grads_of(layer, x, gout, task_ids=tasks)
+    layer.backend = "triton"
+    out_k, g_k = grads_of(layer, x, gout, task_ids=tasks)
+    torch.testing.assert_close(out_k, out_t, **TOL[torch.float32], msg=lambda m: f"out: {m}")
+    for name in ("x",) + PARAM_NAMES:
+        torch.testing.assert_close(g_k[name], g_t[name], **TOL[torch.float32], msg=lambda m, n=name: f"d{n}: {m}")
