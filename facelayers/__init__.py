@@ -45,6 +45,7 @@ from .data import (
     write_manifest,
 )
 
+from .data.synthetic import SyntheticAUDataset, SyntheticExpressionDataset
 from .heads import CosineClassifier
 from .prior_mapping import DynamicPriorMapping, LinearSemanticMapping, MLPSemanticMapping
 from .prompts import CLIPTextTower, PromptLearner, TextPrototypes
@@ -149,4 +150,6 @@ __all__ = [
     "train_transform",
     "validate_manifest",
     "write_manifest",
+    "SyntheticAUDataset",
+    "SyntheticExpressionDataset",
 ]

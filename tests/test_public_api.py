@@ -32,7 +32,8 @@ EXPECTED = {
     "data", "AUClipDataset", "AURecord", "ExpressionClipDataset", "ExpressionRecord",
     "HeterogeneousLoader", "ManifestError", "ManifestValidationError", "Split", "ValidationReport",
     "eval_transform", "get_split", "list_splits", "read_manifest", "segment_indices",
-    "train_transform", "validate_manifest", "write_manifest",
+    "train_transform", "validate_manifest", "write_manifest", "SyntheticAUDataset",
+    "SyntheticExpressionDataset",
 }
 
 
