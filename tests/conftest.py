@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from _testutils import tiny_clip_kwargs
+
 settings.register_profile(
     "ci",
     max_examples=25,
@@ -29,15 +31,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
-
-
-def tiny_clip_kwargs(embed_dim: int = 32) -> dict:
-    """Config of a tiny open_clip CLIP (random init, no download, real tokenizer vocabulary)."""
-    return dict(
-        embed_dim=embed_dim,
-        vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-    )
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_clip_kwargs
+from _testutils import tiny_clip_kwargs
 from torch import nn
 
 from facelayers.moe import (

@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_clip_kwargs
+from _testutils import tiny_clip_kwargs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
