@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Run STL / Baseline / SSM (and DPM ablations) over several seeds and tabulate mean ± std.
+
+    python examples/ssm_sweep.py --out runs/sweep --seeds 0 1 2 -- --synthetic-size 0.5 --epochs 8
+    python examples/ssm_sweep.py --out runs/sweep --configs ssm baseline --seeds 0   # a subset
+    python examples/ssm_sweep.py --out runs/sweep --table                            # table only
+
+Arguments after ``--`` go to every ``ssm_reference.py`` run. Runs execute in this process one after
+the other, and the (synthetic) datasets are built once per task set and reused, so a sweep costs
+little more than its training. Results are appended to ``<out>/results.jsonl`` (a run already
+there is skipped), so several sweeps with disjoint ``--configs`` can run side by side and
+``--table`` merges them into ``<out>/table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ssm_builders as B  # noqa: E402
+import ssm_reference as R  # noqa: E402
+
+#: name -> (ssm_reference flags, table label)
+CONFIGS: dict[str, tuple[list[str], str]] = {
+    "stl-exp": (["--mode", "stl", "--task", "exp"], "STL (expression only)"),
+    "stl-au": (["--mode", "stl", "--task", "au"], "STL (AU only)"),
+    "baseline": (["--mode", "baseline"], "Baseline (MoE + linear heads)"),
+    "tsp": (["--no-dpm"], "+ TSP (no DPM)"),
+    "ssm": ([], "SSM (TSP + DPM)"),
+    "dpm-random": (["--dpm-init", "random"], "SSM, DPM random init"),
+    "dpm-nodual": (["--no-dual"], "SSM, DPM without dual (B = Aᵀ)"),
+    "dpm-frozen": (["--freeze-dpm"], "SSM, DPM (prior, frozen)"),
+    "dpm-linear": (["--mapping", "linear"], "SSM, linear mapping"),
+    "dpm-mlp": (["--mapping", "mlp"], "SSM, MLP mapping"),
+}
+DEFAULT_CONFIGS = ["stl-exp", "stl-au", "baseline", "tsp", "ssm", "dpm-random", "dpm-frozen"]
+
+
+def _memoize_datasets() -> None:
+    """Reuse datasets between runs that ask for the same data (the training seed does not change
+    the synthetic benchmark)."""
+    cache: dict[str, Any] = {}
+    build = B.build_datasets
+
+    def cached(**kw: Any) -> Any:
+        key_kw = dict(kw)
+        if kw.get("data") == "synthetic":
+            key_kw.pop("seed", None)
+        key = json.dumps(key_kw, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = build(**kw)
+        return cache[key]
+
+    B.build_datasets = cached
+
+
+def _done(results_path: str) -> set[tuple[str, int]]:
+    if not os.path.isfile(results_path):
+        return set()
+    with open(results_path) as f:
+        return {(r["config"], r["seed"]) for r in map(json.loads, f) if r}
+
+
+def run_sweep(out: str, configs: Sequence[str], seeds: Sequence[int], extra: Sequence[str]) -> None:
+    os.makedirs(out, exist_ok=True)
+    results_path = os.path.join(out, "results.jsonl")
+    done = _done(results_path)
+    _memoize_datasets()
+    for name in configs:
+        flags, _ = CONFIGS[name]
+        for seed in seeds:
+            if (name, seed) in done:
+                print(f"[sweep] skip {name} seed {seed} (already in {results_path})", file=sys.stderr)
+                continue
+            argv = [*flags, "--seed", str(seed), "--out", os.path.join(out, f"{name}-seed{seed}"), "--no-progress",
+                    "--no-plots", *extra]
+            print(f"[sweep] {name} seed {seed}: {' '.join(argv)}", file=sys.stderr)
+            res = R.run(R.build_parser().parse_args(argv))
+            test = res["test"]
+            row = {"config": name, "seed": seed, "argv": argv, "seconds": res["seconds"],
+                   "uar": test.get("exp", {}).get("uar"), "war": test.get("exp", {}).get("war"),
+                   "au_f1": test.get("au", {}).get("f1_mean"), "au_auc": test.get("au", {}).get("auc_mean"),
+                   "best_epoch": res["best_epoch"]}
+            with open(results_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _mean_std(values: list[float]) -> str:
+    vals = [100 * v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "–"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.1f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.1f} ± {sd:.1f}"
+
+
+def make_table(out: str) -> str:
+    results_path = os.path.join(out, "results.jsonl")
+    with open(results_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    lines = ["| setting | seeds | expression UAR | expression WAR | AU F1@0.5 | AU AUC |",
+             "|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        if name not in by:
+            continue
+        rs = by[name]
+        lines.append(f"| {CONFIGS[name][1]} | {len(rs)} | {_mean_std([r['uar'] for r in rs])} | "
+                     f"{_mean_std([r['war'] for r in rs])} | {_mean_std([r['au_f1'] for r in rs])} | "
+                     f"{_mean_std([r['au_auc'] for r in rs])} |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join("runs", "sweep"))
+    p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=sorted(CONFIGS))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--table", action="store_true", help="only print / write the table from results.jsonl")
+    args = p.parse_args(argv)
+    if not args.table:
+        run_sweep(args.out, args.configs, args.seeds, extra)
+    print(make_table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
