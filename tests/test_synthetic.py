@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from facelayers import facs
-from facelayers.data import AUClipDataset, ExpressionClipDataset, read_manifest
+from facelayers.data import AUClipDataset, AURecord, ExpressionClipDataset, read_manifest
 from facelayers.data.synthetic import (
     AU_ACTIVE_THRESHOLD,
     AU_DEFORMATIONS,
@@ -195,16 +195,50 @@ def test_au_dataset_items_splits_and_labels():
         SyntheticAUDataset(split="test", aus=(1, 43), **TINY_AU)
 
 
-def test_au_train_windows_shift_but_stay_inside_the_take():
-    d = SyntheticAUDataset(split="train", seed=1, stride=3, item_seed=0, **TINY_AU)
-    assert d.train
+@example(seed=0, mode="center", t=4, stride=2, length=10, takes=2)  # the reported case (issue 7)
+@given(
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["center", "all"]),
+    t=st.integers(1, 6),
+    stride=st.integers(1, 6),
+    length=st.integers(1, 13),
+    takes=st.integers(1, 3),
+)
+def test_au_train_windows_never_leave_their_take(seed, mode, t, stride, length, takes):
+    """Train-mode shifts keep every slot inside the window's own take (also the last one), and
+    the planned + shifted windows are exactly those of ``AUClipDataset`` on the same takes."""
+    d = SyntheticAUDataset(
+        split="train", seed=seed % 5, item_seed=seed, label_mode=mode, stride=stride, num_frames=t,
+        num_subjects=3, num_folds=2, fold=1, val_subjects=0, image_size=8,
+        sequences_per_subject=takes, sequence_length=length,
+    )  # fmt: skip
+    assert d.train and len(d.data.lengths) == 2 * takes
+    # the real loader over the same takes, one sequence per take, frame numbers 0 .. L-1
+    records = [
+        AURecord(path=f"t{k}/{j}.png", sequence=f"t{k}", frame_index=j, labels=(0,))
+        for k, n in enumerate(d.data.lengths)
+        for j in range(n)
+    ]
+    real = AUClipDataset(records, "unused", num_frames=t, label_mode=mode, train=True, stride=stride)
+    assert len(d) == len(real)
     for i in range(len(d)):
-        rows, mask = d.window_rows(i, torch.Generator().manual_seed(i))
-        real = rows[mask]
-        starts = torch.tensor(d.data.starts)
-        take = int((starts <= real[0]).sum()) - 1
-        lo, hi = d.data.starts[take], d.data.starts[take] + d.data.lengths[take]
-        assert lo <= int(real.min()) and int(real.max()) < hi
+        k = d.window_take(i)
+        lo, hi = d.data.starts[k], d.data.starts[k] + d.data.lengths[k]
+        item = d[i]  # must not raise, also for the windows of the last take
+        own = d.frames[lo:hi].float() / 255  # [L, 3, H, W]
+        from_own = (item["clip"][:, None] == own[None]).flatten(2).all(-1).any(-1)  # [T]
+        bad = (~from_own).nonzero().flatten().tolist()
+        assert not bad, f"window {i} (take {k}): slots {bad} are not frames of its take"
+        for s in range(3):
+            rows, mask = d.window_rows(i, torch.Generator().manual_seed(s))
+            inside = lo <= int(rows.min()) and int(rows.max()) < hi
+            assert inside, f"window {i} draw {s}: rows {rows.tolist()} leave take {k} = rows [{lo}, {hi})"
+            recs, real_mask = real.window_frames(i, torch.Generator().manual_seed(s))
+            assert {r.sequence for r in recs} == {f"t{k}"}, f"window {i}: real loader reads another take"
+            expected = [r.frame_index for r in recs]
+            assert (rows - lo).tolist() == expected, f"window {i} draw {s}: frames differ from AUClipDataset"
+            assert mask.tolist() == list(real_mask), f"window {i} draw {s}: mask differs from AUClipDataset"
+            assert bool(mask[t // 2]) or mode == "all", f"window {i}: centre slot is padding"
 
 
 def test_expression_dataset_items_splits_and_imbalance():

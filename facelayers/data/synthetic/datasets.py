@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ... import facs
-from ..datasets import au_windows
+from ..datasets import _plan_run, _realise
 from ..manifests import AURecord, ExpressionRecord, get_format, write_manifest
 from .domains import (
     assign_folds,
@@ -211,7 +211,8 @@ class SyntheticAUDataset(Dataset):
     ``sequence_length`` frames. Windows follow exactly the rule of
     :class:`~facelayers.data.AUClipDataset` (:func:`~facelayers.data.au_windows`: centre or
     all-frame labels, ``stride``, ``eval_cover``, edge padding with ``mask`` False); in training
-    mode each window is shifted by a uniform ``0 .. stride-1`` frames, never past the take's end.
+    mode each window is shifted by a uniform ``0 .. stride-1`` frames (one draw per item, the
+    same draw as the real loader), never past the take's end: a window never reads another take.
 
     Item: ``dict(clip=FloatTensor[T, 3, H, W], labels=FloatTensor[M] ("center") or [T, M] ("all"),
     mask=BoolTensor[T], index=int)``.
@@ -300,23 +301,16 @@ class SyntheticAUDataset(Dataset):
         self.data = data
         self.frames = data.frames  # [F, 3, H, W] uint8
         self.frame_labels = data.labels  # [F, M]
-        # windows over rows of self.frames: (rows [T], mask [T], max shift)
-        self._windows: list[tuple[Tensor, Tensor, int]] = []
-        for start, length in zip(data.starts, data.lengths):
-            for w in au_windows(
-                list(range(length)), num_frames, label_mode=label_mode, stride=stride, eval_cover=eval_cover
-            ):
-                real = [f for f, m in zip(w.frames, w.mask) if m]
-                if label_mode == "center":
-                    room = length - 1 - w.centre
-                else:
-                    room = max(length - 1 - max(real), 0) if all(w.mask) else 0
-                shift = 0 if eval_cover else min(stride - 1, room)
-                self._windows.append(
-                    (torch.tensor(w.frames) + start, torch.tensor(w.mask), shift)
-                )
-        self._starts = data.starts
-        self._lengths = data.lengths
+        # Windows are planned per take exactly as AUClipDataset plans them per run: (take, anchor,
+        # max shift). The shift moves the anchor and the window is realised afterwards (slots
+        # clamped to the take, mask recomputed), so a window never reads past a take's end or
+        # into the next take, whatever the shift.
+        self._starts = list(data.starts)
+        self._lengths = list(data.lengths)
+        self._windows: list[tuple[int, int, int]] = []
+        for take, length in enumerate(self._lengths):  # a take is one continuous run
+            for anchor, jitter in _plan_run(length, num_frames, label_mode, stride, eval_cover):
+                self._windows.append((take, anchor, 0 if eval_cover else jitter))
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -325,12 +319,23 @@ class SyntheticAUDataset(Dataset):
         """Select the epoch used to seed per-item generators (only matters with ``item_seed``)."""
         self.epoch = int(epoch)
 
+    def window_take(self, index: int) -> int:
+        """Take (index into ``data.starts`` / ``data.lengths``) that window ``index`` reads."""
+        return self._windows[index][0]
+
     def window_rows(self, index: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Rows of :attr:`frames` read by window ``index`` ``[T]`` and its mask ``[T]``."""
-        rows, mask, shift = self._windows[index]
-        if self.train and shift > 0:
-            rows = rows + int(torch.randint(0, shift + 1, (), generator=generator))
-        return rows, mask
+        """Rows of :attr:`frames` read by window ``index`` ``[T]`` and its mask ``[T]``.
+
+        In training mode the shift is drawn from ``generator`` (the same single draw
+        :meth:`AUClipDataset.window_frames <facelayers.data.AUClipDataset.window_frames>` makes);
+        every row lies inside the window's take (:meth:`window_take`).
+        """
+        take, anchor, jitter = self._windows[index]
+        if self.train and jitter > 0:
+            anchor += int(torch.randint(0, jitter + 1, (), generator=generator))
+        pos, mask = _realise(range(self._lengths[take]), anchor, self.num_frames)
+        rows = torch.tensor(pos, dtype=torch.long) + self._starts[take]
+        return rows, torch.tensor(mask, dtype=torch.bool)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
