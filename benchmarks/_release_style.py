@@ -8,20 +8,20 @@ comes from how it is executed:
                             facelayers (``facelayers_step``)           release-style (``release_step``)
 ==========================  =========================================  ==========================================
 vision passes per step      ONE concatenated pass, per-sample task     TWO passes: expression clips, then AU
-                            routing (``SSMModel.forward``)             clips (``release_forward``)
+                            routing (``model(e, a)``)                  clips (``model(e, a, vision_passes=2)``)
 private experts             ``grouped_expert_mlp`` (sort once;         masked per-expert loop with ``unique()``
                             Triton on CUDA)                            (``masked_loop_experts``)
 text prompts                encoded once per forward in training,      re-encoded on every forward, evaluation
-                            cached in eval mode                        included (``set_text_cache(False)``)
+                            cached in eval mode                        included (``set_cache_in_eval(False)``)
 precision                   bf16 autocast on CUDA                      fp32
-activation checkpointing    optional (``grad_checkpoint=True``)        off
+activation checkpointing    optional (``set_grad_checkpointing``)      off
 ==========================  =========================================  ==========================================
 
-``release_forward`` is written here (not in the example) because ``SSMModel`` has no switch for
-"two separate vision passes": it calls the model's own sub-modules in the released order (text
-prototypes + mapping once, vision encoder on the expression frames, then on the AU frames, temporal
-heads, cosine heads) -- the computation of ``Bp4dSSM.forward`` in the released ``ssm/models/bp4d.py``
-(read for understanding, not copied). The masked loop is the one of ``test_bench_moe.py``
+Every switch but one is the model's own (``examples/ssm_builders.py``): ``vision_passes=2`` runs the
+vision encoder on the expression frames, then on the AU frames (the order of ``Bp4dSSM.forward`` in
+the released ``ssm/models/bp4d.py``, read for understanding, not copied); ``set_cache_in_eval``;
+``set_grad_checkpointing``. The exception is the masked per-expert loop, which is not a library
+backend and is monkeypatched in (:func:`masked_loop_experts`). The masked loop is the one of ``test_bench_moe.py``
 (``masked_loop``: a Python loop over (slot, expert) with boolean masks and a host sync, as the
 release dispatches, but with correct routing).
 
@@ -139,16 +139,19 @@ def _sync(device: torch.device) -> None:
 
 def facelayers_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: dict, *,
                     amp_dtype: torch.dtype | None = None) -> float:
-    """One optimizer step as ``train_one_epoch`` does it: ONE concatenated vision pass, the routing
-    context open across backward (needed by activation checkpointing), optional autocast."""
-    exp, au = eb["clip"], ab["clip"]
-    device = exp.device
+    """One optimizer step as ``train_one_epoch`` does it: ONE concatenated vision pass
+    (``vision_passes=1``), optional autocast."""
+    return _step(model, opt, eb, ab, passes=1, amp_dtype=amp_dtype)
+
+
+def _step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: dict, *, passes: int,
+          amp_dtype: torch.dtype | None) -> float:
+    device = eb["clip"].device
     opt.zero_grad(set_to_none=True)
-    with model.routing(exp.shape[0], au.shape[0], exp.shape[1], device):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            out = model(exp, au)
-        loss = _compute_losses(out, eb, ab)
-        loss.backward()
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = model(eb["clip"], ab["clip"], vision_passes=passes)
+    loss = _compute_losses(out, eb, ab)
+    loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP_GRAD)
     opt.step()
     _sync(device)
@@ -161,40 +164,14 @@ def facelayers_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab:
 
 
 def release_forward(model: B.SSMModel, exp_clips: Tensor | None, au_clips: Tensor | None) -> dict[str, Tensor]:
-    """The released forward's order of work on facelayers' modules: text prototypes and mapping
-    (every call), the vision encoder on the expression frames, then AGAIN on the AU frames (each
-    pass routed as its task), temporal heads and cosine heads.
-
-    Args:
-        exp_clips: ``[B1, T, 3, H, W]`` or ``None``.
-        au_clips: ``[B2, T, 3, H, W]`` or ``None``.
-    """
-    t_exp, t_au = model.text_features()
-    out: dict[str, Tensor] = {}
-    if exp_clips is not None:
-        b1, t1 = exp_clips.shape[:2]
-        f = model.encode_task_frames(exp_clips.flatten(0, 1), "exp").reshape(b1, t1, -1)
-        out["exp_logits"] = model.exp_logits_from_features(f, t_exp)
-    if au_clips is not None:
-        b2, t2 = au_clips.shape[:2]
-        f = model.encode_task_frames(au_clips.flatten(0, 1), "au").reshape(b2, t2, -1)
-        out["au_logits"] = model.au_logits_from_features(f, t_au)
-    return out
+    """The released forward's order of work: ``model(exp_clips, au_clips, vision_passes=2)``."""
+    return model(exp_clips, au_clips, vision_passes=2)
 
 
 def two_pass_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: dict, *,
                   amp_dtype: torch.dtype | None = None) -> float:
     """Like :func:`facelayers_step` but with two vision passes (the only difference)."""
-    device = eb["clip"].device
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        out = release_forward(model, eb["clip"], ab["clip"])
-    loss = _compute_losses(out, eb, ab)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP_GRAD)
-    opt.step()
-    _sync(device)
-    return float(loss.detach())
+    return _step(model, opt, eb, ab, passes=2, amp_dtype=amp_dtype)
 
 
 def release_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: dict) -> float:
@@ -228,18 +205,10 @@ def masked_loop_experts() -> Iterator[None]:
         layer.grouped_expert_mlp = orig
 
 
-def set_text_cache(model: torch.nn.Module, enabled: bool) -> int:
-    """Turn the eval-mode text cache of every ``PromptLearner`` on (facelayers) or off (release: re-encode
-    on every forward); drops cached features. Returns the number of learners changed."""
-    from facelayers.prompts import PromptLearner
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, PromptLearner):
-            m.cache_in_eval = bool(enabled)
-            m.train(m.training)  # train()/eval() drop the cache
-            n += 1
-    return n
+def set_text_cache(model: B.SSMModel, enabled: bool) -> int:
+    """Eval-mode text cache on (facelayers) or off (release: re-encode on every forward):
+    ``model.set_cache_in_eval``. Returns the number of prompt learners changed."""
+    return model.set_cache_in_eval(enabled)
 
 
 # ----------------------------------------------------------------------------------------------

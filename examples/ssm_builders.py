@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import os
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -101,6 +102,10 @@ class ModelConfig:
     dpm_variant: str = "paper"
     prior_source: str | None = None
     grad_checkpoint: bool = False
+    # execution (results are identical whatever these are; see docs/reference.md "Execution options")
+    vision_passes: int = 1  # 1: ONE concatenated pass for both tasks; 2: the release's two passes
+    cache_in_eval: bool = True  # PromptLearner text-feature cache in eval mode
+    moe_backend: str = "auto"  # grouped-expert backend of every MoEFFN (facelayers.ops.grouped_experts.BACKENDS)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,6 +139,12 @@ class ModelConfig:
             raise ValueError(f"mode {self.mode!r} trains both tasks, got tasks={self.tasks!r}")
         facs.check_vocabulary(self.expressions, "expression")
         facs.check_vocabulary(self.aus, "au")
+        if self.vision_passes not in (1, 2):
+            raise ValueError(f"vision_passes must be 1 (one concatenated pass) or 2 (one per task), got {self.vision_passes!r}")
+        from facelayers.ops.grouped_experts import BACKENDS
+
+        if self.moe_backend not in BACKENDS:
+            raise ValueError(f"moe_backend must be one of {BACKENDS}, got {self.moe_backend!r}")
 
     @property
     def uses_text(self) -> bool:
@@ -227,8 +238,60 @@ def build_vision_encoder(clip: nn.Module, cfg: ModelConfig) -> list[str]:
     hidden = cfg.moe_hidden or moe_hidden_default(vision_width(clip))
     return inject_moe_(
         clip.visual, blocks=blocks, num_experts=cfg.num_experts, hidden_dim=hidden, top_k=cfg.top_k,
-        num_tasks=len(cfg.tasks),
+        num_tasks=len(cfg.tasks), backend=cfg.moe_backend,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing that keeps the MoE task routing
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_task_ids(block: nn.Module) -> Any:
+    """The task ids the block's MoE layers would route with right now (0 = every token task 0)."""
+    for m in _moe_modules(block):
+        ids = m._task_ids  # set by facelayers.moe.moe_task_context
+        return 0 if ids is None else ids
+    return None
+
+
+def _run_block_routed(block: nn.Module, task_ids: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """The block's own forward under ``moe_task_context(block, task_ids)`` (no context without MoE)."""
+    forward = type(block).forward
+    if task_ids is None:
+        return forward(block, *args, **kwargs)
+    from facelayers.moe import moe_task_context
+
+    with moe_task_context(block, task_ids):
+        return forward(block, *args, **kwargs)
+
+
+def _routed_checkpoint_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    # The task ids are an ARGUMENT of the checkpointed function: the recomputation in backward enters
+    # the same routing, even though the caller's moe_task_context has closed by then.
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_run_block_routed, self, _block_task_ids(self), *args, use_reentrant=False, **kwargs)
+
+
+def set_routed_grad_checkpointing(visual: nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing of every block of an open_clip vision tower, MoE-routing safe.
+
+    open_clip's own ``set_grad_checkpointing`` recomputes a block in backward by calling it again,
+    when the caller's :func:`facelayers.moe.moe_task_context` has usually closed: MoE blocks would
+    then be recomputed with other routing (a ``CheckpointError``, or wrong gradients). Here each
+    block's forward is wrapped (instance attribute, state-dict keys unchanged) in a non-reentrant
+    checkpoint of a function that receives the current task ids as an argument and re-enters
+    ``moe_task_context`` with them, so recomputation sees exactly the routing of the forward.
+    open_clip's flag is kept off (no double checkpointing).
+    """
+    tr = visual.transformer
+    tr.grad_checkpointing = False
+    for blk in tr.resblocks:
+        if enable:
+            blk.forward = types.MethodType(_routed_checkpoint_forward, blk)
+        else:
+            blk.__dict__.pop("forward", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +311,8 @@ def build_text_side(clip: nn.Module, cfg: ModelConfig) -> nn.Module:
     from facelayers.prompts import CLIPTextTower, TextPrototypes
 
     tower = CLIPTextTower.from_open_clip(clip)
-    return TextPrototypes(tower, cfg.aus, cfg.expressions, style=cfg.desc_style, n_ctx=cfg.n_ctx)
+    return TextPrototypes(tower, cfg.aus, cfg.expressions, style=cfg.desc_style, n_ctx=cfg.n_ctx,
+                          cache_in_eval=cfg.cache_in_eval)
 
 
 def build_mapping(cfg: ModelConfig, dim: int) -> nn.Module | None:
@@ -332,8 +396,8 @@ class SSMModel(nn.Module):
 
     @contextlib.contextmanager
     def routing(self, n_exp: int, n_au: int, num_frames: int, device: torch.device | str | None = None) -> Iterator[None]:
-        """Route the next vision pass(es) per sample; keep it open across ``backward()`` when
-        activation checkpointing recomputes the MoE blocks."""
+        """Route the next concatenated vision pass(es) per sample (optional: :meth:`forward` routes
+        by itself; activation checkpointing does not need it open across ``backward()``)."""
         if not self.cfg.moe:
             yield
             return
@@ -361,12 +425,16 @@ class SSMModel(nn.Module):
         """``[N, 3, H, W] -> [N, D]`` through the (MoE) vision encoder."""
         return self.visual(frames)
 
-    def forward(self, exp_clips: Tensor | None = None, au_clips: Tensor | None = None) -> dict[str, Tensor]:
-        """One vision pass for both tasks.
+    def forward(self, exp_clips: Tensor | None = None, au_clips: Tensor | None = None, *,
+                vision_passes: int | None = None) -> dict[str, Tensor]:
+        """One vision pass for both tasks (or one per task, the released code's execution).
 
         Args:
             exp_clips: ``[B1, T, 3, H, W]`` or ``None``.
             au_clips: ``[B2, T', 3, H, W]`` or ``None``.
+            vision_passes: 1 = ONE concatenated pass, per-sample task routing; 2 = expression
+                frames, then AU frames, each pass routed as its task (same results); default
+                ``cfg.vision_passes``.
 
         Returns:
             dict with ``exp_logits [B1, K]`` and/or ``au_logits [B2, M]`` (``[B2, T', M]`` with
@@ -389,15 +457,16 @@ class SSMModel(nn.Module):
             parts.append(c.flatten(0, 1))
         if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
             raise ValueError(f"expression and AU frames must share [3, H, W]; got {tuple(parts[0].shape[1:])} and {tuple(parts[1].shape[1:])}")
-        frames = torch.cat(parts) if len(parts) == 2 else parts[0]
+        passes = self.cfg.vision_passes if vision_passes is None else vision_passes
+        if passes not in (1, 2):
+            raise ValueError(f"vision_passes must be 1 or 2, got {passes!r}")
         (b1, t1), (b2, t2) = shapes
-        if (self.cfg.moe and self.cfg.grad_checkpoint and self._routing_depth == 0 and self.training
-                and torch.is_grad_enabled()):
-            raise RuntimeError(
-                "with grad_checkpoint=True the MoE blocks are recomputed during backward and must see the same "
-                "task routing: run forward AND backward inside `with model.routing(n_exp, n_au, T):`"
-            )
-        if self.cfg.moe and self._routing_depth == 0:
+        if passes == 2 and len(parts) == 2:
+            feats = torch.cat([self.encode_task_frames(parts[0], "exp"), self.encode_task_frames(parts[1], "au")])
+        elif passes == 2:
+            feats = self.encode_task_frames(parts[0], "exp" if b1 else "au")
+        elif self.cfg.moe and self._routing_depth == 0:
+            frames = torch.cat(parts) if len(parts) == 2 else parts[0]
             ids = []
             if b1:
                 ids.append(torch.full((b1 * t1,), self._task_slot("exp"), dtype=torch.long, device=frames.device))
@@ -405,10 +474,10 @@ class SSMModel(nn.Module):
                 ids.append(torch.full((b2 * t2,), self._task_slot("au"), dtype=torch.long, device=frames.device))
             from facelayers.moe import moe_task_context
 
-            with moe_task_context(self.visual, torch.cat(ids)):
+            with moe_task_context(self.visual, torch.cat(ids) if len(ids) == 2 else ids[0]):
                 feats = self.encode_frames(frames)
         else:
-            feats = self.encode_frames(frames)
+            feats = self.encode_frames(torch.cat(parts) if len(parts) == 2 else parts[0])
         out: dict[str, Tensor] = {}
         t_exp, t_au = self.text_features()
         if b1:
@@ -440,6 +509,41 @@ class SSMModel(nn.Module):
             _, t_au = self.text_features()
         z = self.au_temporal(f)
         return self.au_head(z, t_au) if t_au is not None else self.au_head(z)
+
+    # -- execution options (no effect on results) ----------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the vision blocks (routing-safe, see
+        :func:`set_routed_grad_checkpointing`); updates ``cfg.grad_checkpoint``."""
+        set_routed_grad_checkpointing(self.visual, enable)
+        self.cfg.grad_checkpoint = bool(enable)
+
+    def set_cache_in_eval(self, enable: bool = True) -> int:
+        """Eval-mode text-feature cache of every ``PromptLearner`` on/off (drops cached features);
+        updates ``cfg.cache_in_eval``; returns the number of learners changed."""
+        from facelayers.prompts import PromptLearner
+
+        n = 0
+        for m in self.modules():
+            if isinstance(m, PromptLearner):
+                m.cache_in_eval = bool(enable)
+                m.train(m.training)  # train()/eval() drop the cache
+                n += 1
+        self.cfg.cache_in_eval = bool(enable)
+        return n
+
+    def set_moe_backend(self, backend: str) -> int:
+        """Grouped-expert backend of every ``MoEFFN`` (one of ``facelayers.ops.grouped_experts.BACKENDS``);
+        updates ``cfg.moe_backend``; returns the number of MoE layers changed."""
+        from facelayers.ops.grouped_experts import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"moe_backend must be one of {BACKENDS}, got {backend!r}")
+        n = 0
+        for m in _moe_modules(self.visual):
+            m.backend = backend
+            n += 1
+        self.cfg.moe_backend = backend
+        return n
 
     # -- parameter groups --------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -483,7 +587,7 @@ def build_model(cfg: ModelConfig, *, pretrained: str | None = None, clip: nn.Mod
     cfg.image_size = int(img)
     build_vision_encoder(clip, cfg)
     if cfg.grad_checkpoint:
-        clip.visual.set_grad_checkpointing(True)
+        set_routed_grad_checkpointing(clip.visual, True)
     text = build_text_side(clip, cfg) if cfg.uses_text else None
     dim = int(clip.visual.output_dim)
     mapping = build_mapping(cfg, dim)

@@ -34,6 +34,7 @@ from torch import Tensor, nn  # noqa: E402
 
 import ssm_builders as B  # noqa: E402
 from facelayers import facs  # noqa: E402
+from facelayers.ops.grouped_experts import BACKENDS as MOE_BACKENDS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # CLI
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--au-select", choices=("center", "all"), default="center",
                    help="supervise the centre frame (paper eq. 5) or all frames (released code)")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of vision blocks")
+    g.add_argument("--vision-passes", type=int, choices=(1, 2), default=1,
+                   help="1: ONE concatenated vision pass for both tasks; 2: one pass per task (the released "
+                        "code's execution; same results)")
+    g.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto",
+                   help="grouped-expert backend of every MoE layer (auto: Triton on CUDA, torch on CPU)")
+    g.add_argument("--no-text-cache", action="store_true",
+                   help="re-encode the prompts on every eval forward (the released code's behaviour; same results)")
     g = p.add_argument_group("text side (mode ssm)")
     g.add_argument("--no-tsp", action="store_true", help="linear heads instead of text prototypes (= baseline)")
     g.add_argument("--no-dpm", action="store_true", help="TSP without the mapping (Table V row 2)")
@@ -187,7 +195,8 @@ def model_config(args: argparse.Namespace, expressions: Sequence[str], aus: Sequ
         tsp=not args.no_tsp, mapping=mapping, desc_style=args.desc_style, n_ctx=args.n_ctx, tau=args.tau,
         alpha=args.alpha, beta=args.beta, dpm_init=args.dpm_init, dual=not args.no_dual,
         freeze_dpm=args.freeze_dpm, dpm_variant=args.dpm_variant, prior_source=args.prior_source,
-        grad_checkpoint=args.grad_checkpoint,
+        grad_checkpoint=args.grad_checkpoint, vision_passes=args.vision_passes, moe_backend=args.moe_backend,
+        cache_in_eval=not args.no_text_cache,
     )
 
 
@@ -413,8 +422,8 @@ def train_one_epoch(model: nn.Module, core: B.SSMModel, pairs: Any, optimizer: t
         if exp_clips is not None and au_clips is not None and au_clips.shape[1] != t:
             raise ValueError(f"expression clips have {t} frames, AU clips {au_clips.shape[1]}; use the same --frames")
         optimizer.zero_grad(set_to_none=True)
-        # the routing context stays open across backward: activation checkpointing recomputes the
-        # MoE blocks during backward and must see the same per-sample task ids
+        # per-sample task routing of the concatenated pass (the forward would set it up by itself;
+        # activation checkpointing carries the task ids into its recomputation, see ssm_builders)
         with core.routing(n_exp, n_au, t, device):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(exp_clips, au_clips)

@@ -189,8 +189,6 @@ def test_grad_checkpoint_matches_plain_with_mixed_routing():
             out = m(e, a)
             (out["exp_logits"].logsumexp(-1).mean() + out["au_logits"].sigmoid().mean()).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-    with pytest.raises(RuntimeError, match="routing"):
-        ck(e, a)  # outside the routing context the recomputation would route every frame as task 0
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=f"d{n} with --grad-checkpoint")
@@ -338,3 +336,73 @@ def test_real_data_path_on_exported_synthetic(tmp_path):
     assert res["config"]["aus"] == list(facs.BP4D_AUS)
     # incomplete real-data options: a message and exit code 2, no traceback
     assert R.main(["--data", "real", "--out", str(tmp_path / "x"), "--exp-root", str(tmp_path)]) == 2
+
+
+def _two_task_train_grads(model: "B.SSMModel", e: torch.Tensor, a: torch.Tensor, **fwd: object) -> dict[str, torch.Tensor]:
+    """One training step's gradients (joint loss) of a mixed batch, WITHOUT any outer routing context."""
+    from facelayers.losses import au_loss, expression_loss, joint_loss
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    if fwd:
+        out = model(e, a, **fwd)
+    else:  # the per-task path (release order): encode_task_frames for each task
+        t_exp, t_au = model.text_features()
+        fe = model.encode_task_frames(e.flatten(0, 1), "exp").view(e.shape[0], e.shape[1], -1)
+        fa = model.encode_task_frames(a.flatten(0, 1), "au").view(a.shape[0], a.shape[1], -1)
+        out = dict(exp_logits=model.exp_logits_from_features(fe, t_exp), au_logits=model.au_logits_from_features(fa, t_au))
+    k, m = len(model.cfg.expressions), len(model.cfg.aus)
+    labels = torch.arange(e.shape[0]) % k
+    au_lab = (torch.arange(a.shape[0] * m).view(a.shape[0], m) % 2).float()
+    joint_loss(expression_loss(out["exp_logits"], labels), au_loss(out["au_logits"], au_lab), lam=2.0).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", ["encode_task_frames", "forward_two_passes", "forward_one_pass"])
+def test_grad_checkpoint_training_step_per_task_encoding(path):
+    """Per-task encoding (``encode_task_frames``, two vision passes) with activation checkpointing: the
+    checkpointed blocks recompute in backward under the routing of the pass that ran them (the routing
+    context has closed by then), so the gradients equal those without checkpointing."""
+    cfg = B.ModelConfig(mode="ssm", num_frames=3, moe_blocks="all", temporal_heads=2)
+    torch.manual_seed(0)
+    plain = B.build_model(cfg)
+    ck = B.build_model(B.ModelConfig.from_json({**cfg.to_json(), "grad_checkpoint": True}))
+    ck.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    e, a = torch.randn(2, 3, 3, 32, 32, generator=g), torch.randn(3, 3, 3, 32, 32, generator=g)
+    fwd = {} if path == "encode_task_frames" else {"vision_passes": 2 if path == "forward_two_passes" else 1}
+    ref = _two_task_train_grads(plain, e, a, **fwd)
+    got = _two_task_train_grads(ck, e, a, **fwd)
+    assert ref.keys() == got.keys()
+    moe_grads = [n for n in ref if ".mlp.w1" in n]
+    assert moe_grads and all(ref[n].abs().sum() > 0 for n in moe_grads), "both tasks' experts must get gradients"
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=f"d{n} with grad_checkpoint ({path})")
+
+
+def test_execution_options_config_and_validation():
+    """vision_passes / cache_in_eval / moe_backend reach the parts and bad values are rejected."""
+    from facelayers.moe import MoEFFN
+    from facelayers.prompts import PromptLearner
+
+    cfg = B.ModelConfig(mode="ssm", num_frames=2, moe_blocks="all", temporal_heads=2, cache_in_eval=False,
+                        moe_backend="reference")
+    model = B.build_model(cfg)
+    learners = [m for m in model.modules() if isinstance(m, PromptLearner)]
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert len(learners) == 2 and not any(m.cache_in_eval for m in learners)
+    assert moes and all(m.backend == "reference" for m in moes)
+    assert model.set_moe_backend("torch") == len(moes) and all(m.backend == "torch" for m in moes)
+    assert model.set_cache_in_eval(True) == 2 and all(m.cache_in_eval for m in learners)
+    assert B.ModelConfig.from_json(model.cfg.to_json()) == model.cfg
+    with pytest.raises(ValueError, match="moe_backend"):
+        model.set_moe_backend("cuda")
+    for bad in (dict(vision_passes=3), dict(moe_backend="fast")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            B.build_model(B.ModelConfig(mode="ssm", num_frames=2, temporal_heads=2, **bad))
+    e = torch.randn(1, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match="vision_passes"):
+        model(e, vision_passes=0)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(e, vision_passes=2)["exp_logits"], model(e)["exp_logits"])
