@@ -10,18 +10,22 @@
 # 3. runs the GPU parity tests (bf16/fp16/fp32 at ViT-B/16 sizes, determinism, no host sync);
 # 4. runs the GPU benchmarks (triton vs masked loop vs torch backend vs torch._grouped_mm vs dense FFN);
 # 5. profiles one Triton step (where the time goes) and writes it under $OUT;
-# 6. prints a short table and writes everything under $OUT (default ./gpu_out).
+# 6. runs the reference-SSM GPU benchmarks (ViT-B/16, 12 + 8 clips x 16 frames: bf16 step vs
+#    release-style fp32 step, clips/s and peak memory; needs open_clip);
+# 7. prints a short table and writes everything under $OUT (default ./gpu_out).
 #
-# Time: each pytest step has its own timeout (defaults 200 s + 170 s, the second with a warm Triton cache) so the whole script stays well
-# under 8 minutes (200 + 170 + 60 s at most), Triton compilation and autotuning included.
+# Time: each step has its own timeout (defaults 150 s tests + 140 s kernel benchmarks + 40 s profile
+# + 140 s SSM benchmarks = 470 s at most) so the whole script stays under 8 minutes, Triton
+# compilation and autotuning included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$PWD/gpu_out}"
 WHEELS="${WHEELS:-$PWD/wheels}"
 PY="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-170}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-140}"
+SSM_TIMEOUT="${SSM_TIMEOUT:-140}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
@@ -65,7 +69,13 @@ timeout "$BENCH_TIMEOUT" "$PY" -m pytest benchmarks/test_bench_moe_gpu.py --benc
 bench_rc=${PIPESTATUS[0]}
 
 echo "== profile (triton step, N=6304; details in \$OUT/profile_moe_N6304.txt)"
-timeout 60 "$PY" benchmarks/profile_moe_gpu.py 6304 "$OUT" 2>&1 | head -3
+timeout 40 "$PY" benchmarks/profile_moe_gpu.py 6304 "$OUT" 2>&1 | head -3
+
+echo "== reference-SSM GPU benchmarks (timeout ${SSM_TIMEOUT}s)"
+timeout "$SSM_TIMEOUT" "$PY" -m pytest benchmarks/test_bench_ssm.py -m requires_cuda --benchmark -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_ssm_gpu.json" --benchmark-columns=median,iqr,rounds 2>&1 \
+  | tee "$OUT/bench_ssm.log" | tail -25
+ssm_rc=${PIPESTATUS[0]}
 
 echo "== summary"
 "$PY" - "$OUT/bench_moe_gpu.json" <<'EOF' | tee "$OUT/summary.md"
@@ -124,5 +134,5 @@ print()
 print("\n".join(verdicts))
 EOF
 
-echo "== exit codes: parity tests ${test_rc}, benchmarks ${bench_rc} (124 = timed out); results in $OUT"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+echo "== exit codes: parity tests ${test_rc}, kernel benchmarks ${bench_rc}, SSM benchmarks ${ssm_rc} (124 = timed out); results in $OUT"
+exit $(( test_rc != 0 || bench_rc != 0 || ssm_rc != 0 ))
