@@ -21,7 +21,7 @@ Every switch but one is the model's own (``examples/ssm_builders.py``): ``vision
 vision encoder on the expression frames, then on the AU frames (the order of ``Bp4dSSM.forward`` in
 the released ``ssm/models/bp4d.py``, read for understanding, not copied); ``set_cache_in_eval``;
 ``set_grad_checkpointing``. The exception is the masked per-expert loop, which is not a library
-backend and is monkeypatched in (:func:`masked_loop_experts`). The masked loop is the one of ``test_bench_moe.py``
+backend and is monkeypatched in (:func:`masked_loop_experts`). The masked loop is the one of ``release_dispatch.py``
 (``masked_loop``: a Python loop over (slot, expert) with boolean masks and a host sync, as the
 release dispatches, but with correct routing).
 
@@ -185,7 +185,7 @@ def release_expert_dispatch(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: 
     """Drop-in for ``grouped_expert_mlp`` that runs the release's masked per-expert loop."""
     if activation != "gelu":
         raise ValueError(f"the release-style masked loop implements activation 'gelu' only, got {activation!r}")
-    from test_bench_moe import masked_loop
+    from release_dispatch import masked_loop
 
     return masked_loop(x, expert_idx, weights, w1, b1, w2, b2)
 

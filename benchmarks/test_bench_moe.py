@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_report import set_role
+from release_dispatch import masked_loop
 
 from facelayers.ops.grouped_experts import grouped_expert_mlp
 
@@ -27,19 +28,6 @@ ROUNDS = {394: 30, 6304: 7, 25216: 5}
 SMOKE_N = {6304: 788, 25216: 788}  # smoke mode only (4 frames x 197 tokens): keeps `pytest benchmarks` fast
 
 
-def masked_loop(x, expert_idx, weights, w1, b1, w2, b2):
-    """Release-style dispatch (loop over slots and present experts, boolean masks), correct routing."""
-    n, k = expert_idx.shape
-    outs = x.new_zeros(n, k, x.shape[1])
-    for j in range(k):
-        idx_j = expert_idx[:, j]
-        chunk = x.new_zeros(n, x.shape[1])
-        for e in idx_j.unique().tolist():  # host sync, as in the release
-            mask = idx_j == e
-            h = F.gelu(torch.addmm(b1[e], x[mask], w1[e]))
-            chunk[mask] = torch.addmm(b2[e], h, w2[e])
-        outs[:, j, :] = chunk
-    return (outs * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def make_case(n: int, seed: int = 0):

@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_report import set_role
+from release_dispatch import masked_loop
 
 D, H, E, K = 768, 512, 4, 2
 D_FFN = 3072
@@ -69,19 +70,6 @@ def make_case(n: int, device: torch.device, seed: int = 0):
     return leaves, idx.to(device), gout.to(device=device, dtype=DTYPE)
 
 
-def masked_loop(x, expert_idx, weights, w1, b1, w2, b2):
-    """Release-style dispatch (loop over slots and present experts, boolean masks), correct routing."""
-    n, k = expert_idx.shape
-    outs = x.new_zeros(n, k, x.shape[1])
-    for j in range(k):
-        idx_j = expert_idx[:, j]
-        chunk = x.new_zeros(n, x.shape[1])
-        for e in idx_j.unique().tolist():  # host sync, as in the release
-            mask = idx_j == e
-            h = F.gelu(torch.addmm(b1[e], x[mask], w1[e]))
-            chunk[mask] = torch.addmm(b2[e], h, w2[e])
-        outs[:, j, :] = chunk
-    return (outs * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def _triton_fn():
