@@ -1,7 +1,7 @@
 """The reference SSM run two ways: facelayers' execution and the released code's execution strategy.
 
 Helpers of ``benchmarks/test_bench_ssm.py`` (the end-to-end benchmarks of issue 9). Both ways run the
-SAME model object (``examples/ssm_builders.py``), built once, so any difference in speed or memory
+SAME model object (``facelayers.models.ssm``), built once, so any difference in speed or memory
 comes from how it is executed:
 
 ==========================  =========================================  ==========================================
@@ -17,11 +17,12 @@ precision                   bf16 autocast on CUDA                      fp32
 activation checkpointing    optional (``set_grad_checkpointing``)      off
 ==========================  =========================================  ==========================================
 
-Every switch but one is the model's own (``examples/ssm_builders.py``): ``vision_passes=2`` runs the
+Every switch is the model's own (``facelayers.models.ssm.SSMModel``): ``vision_passes=2`` runs the
 vision encoder on the expression frames, then on the AU frames (the order of ``Bp4dSSM.forward`` in
 the released ``ssm/models/bp4d.py``, read for understanding, not copied); ``set_cache_in_eval``;
-``set_grad_checkpointing``. The exception is the masked per-expert loop, which is not a library
-backend and is monkeypatched in (:func:`masked_loop_experts`). The masked loop is the one of ``release_dispatch.py``
+``set_grad_checkpointing``; ``set_moe_backend`` with the masked per-expert loop, which is not a library
+backend: it is registered with ``facelayers.ops.grouped_experts.register_backend`` under
+:data:`RELEASE_BACKEND` (:func:`masked_loop_experts`). The masked loop is the one of ``release_dispatch.py``
 (``masked_loop``: a Python loop over (slot, expert) with boolean masks and a host sync, as the
 release dispatches, but with correct routing).
 
@@ -36,20 +37,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(_EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(_EXAMPLES))
-
-import ssm_builders as B  # noqa: E402
+from facelayers.models import ssm as B
 
 __all__ = [
     "tiny_config",
@@ -62,6 +57,8 @@ __all__ = [
     "release_forward",
     "masked_loop_experts",
     "release_expert_dispatch",
+    "register_release_backend",
+    "RELEASE_BACKEND",
     "set_text_cache",
     "peak_rss_delta",
     "rss_measurable",
@@ -176,13 +173,17 @@ def two_pass_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: d
 
 def release_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: dict) -> float:
     """Release-style step: two vision passes, fp32 (no autocast). Run it inside
-    :func:`masked_loop_experts` (or with the MoE call monkeypatched) for the release's expert dispatch."""
+    :func:`masked_loop_experts` for the release's expert dispatch."""
     return two_pass_step(model, opt, eb, ab, amp_dtype=None)
 
 
+#: Backend name of the release-style masked loop in ``facelayers.ops.grouped_experts``' registry.
+RELEASE_BACKEND = "release_masked_loop"
+
+
 def release_expert_dispatch(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                            b2: Tensor, activation: Any = "gelu", backend: str = "auto") -> Tensor:
-    """Drop-in for ``grouped_expert_mlp`` that runs the release's masked per-expert loop."""
+                            b2: Tensor, activation: Any = "gelu") -> Tensor:
+    """The release's masked per-expert loop as a grouped-expert backend (``register_backend`` signature)."""
     if activation != "gelu":
         raise ValueError(f"the release-style masked loop implements activation 'gelu' only, got {activation!r}")
     from release_dispatch import masked_loop
@@ -190,19 +191,30 @@ def release_expert_dispatch(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: 
     return masked_loop(x, expert_idx, weights, w1, b1, w2, b2)
 
 
-@contextlib.contextmanager
-def masked_loop_experts() -> Iterator[None]:
-    """Temporarily route every ``MoEFFN``'s private experts through :func:`release_expert_dispatch`
-    (patches the name ``grouped_expert_mlp`` that ``facelayers.moe.layer`` calls; restored on exit).
-    In pytest, ``monkeypatch.setattr(facelayers.moe.layer, "grouped_expert_mlp", ...)`` does the same."""
-    import facelayers.moe.layer as layer
+def register_release_backend() -> str:
+    """Register :func:`release_expert_dispatch` as :data:`RELEASE_BACKEND` (idempotent); returns the name."""
+    from facelayers.ops.grouped_experts import register_backend
 
-    orig = layer.grouped_expert_mlp
-    layer.grouped_expert_mlp = release_expert_dispatch
+    register_backend(RELEASE_BACKEND, release_expert_dispatch, overwrite=True)
+    return RELEASE_BACKEND
+
+
+@contextlib.contextmanager
+def masked_loop_experts(model: B.SSMModel) -> Iterator[None]:
+    """Run every ``MoEFFN`` of ``model`` on the release's masked per-expert loop (the registered
+    :data:`RELEASE_BACKEND`), restoring each layer's backend on exit. Nothing is patched."""
+    from facelayers.moe import iter_moe_layers
+
+    layers = list(iter_moe_layers(model))
+    before = [m.backend for m in layers]
+    name = register_release_backend()
     try:
+        for m in layers:
+            m.backend = name
         yield
     finally:
-        layer.grouped_expert_mlp = orig
+        for m, b in zip(layers, before):
+            m.backend = b
 
 
 def set_text_cache(model: B.SSMModel, enabled: bool) -> int:

@@ -6,7 +6,8 @@ H=512, E=4, k=2, fp32, CPU. Rows of each group:
 - ``torch_backend``: ``grouped_expert_mlp(..., backend="torch")``.
 - ``masked_loop`` (baseline): the released SSM code's dispatch -- a Python loop over (slot, expert)
   with ``unique()`` and boolean masks -- but with CORRECT routing (each token goes to the experts it
-  picked; the release indexes a row-major flattening, see docs/moe.md).
+  picked; the release indexes a row-major flattening, see docs/moe.md). It runs through the op's
+  backend registry (``release_dispatch.RELEASE_BACKEND``), like any other backend.
 - ``dense_matmul`` (roofline): the same FLOPs as one plain MLP over N*k rows (no routing at all).
 
 Run ``pytest benchmarks --benchmark`` for timings; without ``--benchmark`` each body runs once.
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_report import set_role
-from release_dispatch import masked_loop
+from release_dispatch import RELEASE_BACKEND, masked_loop
 
 from facelayers.ops.grouped_experts import grouped_expert_mlp
 
@@ -76,7 +77,7 @@ def test_moe_masked_loop(benchmark, bench_timed, n):
     n = _size(n, bench_timed)
     benchmark.group = f"moe fwd+bwd N={n}"
     set_role(benchmark, "baseline")
-    _run(benchmark, masked_loop, n)
+    _run(benchmark, lambda *a: grouped_expert_mlp(*a, activation="gelu", backend=RELEASE_BACKEND), n)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -109,4 +110,6 @@ def test_masked_loop_baseline_is_a_faithful_reimplementation():
     with torch.no_grad():
         want = grouped_expert_mlp(x, idx, gates, w1, b1, w2, b2, backend="torch")
         got = masked_loop(x, idx, gates, w1, b1, w2, b2)
+        via_registry = grouped_expert_mlp(x, idx, gates, w1, b1, w2, b2, backend=RELEASE_BACKEND)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(via_registry, got)

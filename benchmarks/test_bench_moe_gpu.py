@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_report import set_role
-from release_dispatch import masked_loop
+from release_dispatch import RELEASE_BACKEND, masked_loop
 
 D, H, E, K = 768, 512, 4, 2
 D_FFN = 3072
@@ -79,10 +79,15 @@ def _triton_fn():
     return lambda x, idx, g, w1, b1, w2, b2: grouped_expert_mlp_triton(x, idx, g, w1, b1, w2, b2, "gelu")
 
 
-def _torch_backend_fn():
+def _backend_fn(backend: str):
+    """``grouped_expert_mlp`` with a named backend of the registry (built-in or registered)."""
     from facelayers.ops.grouped_experts import grouped_expert_mlp
 
-    return lambda x, idx, g, w1, b1, w2, b2: grouped_expert_mlp(x, idx, g, w1, b1, w2, b2, "gelu", backend="torch")
+    return lambda x, idx, g, w1, b1, w2, b2: grouped_expert_mlp(x, idx, g, w1, b1, w2, b2, "gelu", backend=backend)
+
+
+def _torch_backend_fn():
+    return _backend_fn("torch")
 
 
 def _time_moe(benchmark, fn, n: int, device: torch.device) -> None:
@@ -139,7 +144,7 @@ def test_gpu_moe_triton_cuda_graph(benchmark, cuda, n):
 def test_gpu_moe_masked_loop(benchmark, cuda, n):
     benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
     set_role(benchmark, "baseline")
-    _time_moe(benchmark, masked_loop, n, cuda)
+    _time_moe(benchmark, _backend_fn(RELEASE_BACKEND), n, cuda)
 
 
 @pytest.mark.requires_cuda
@@ -257,3 +262,4 @@ def test_masked_loop_matches_triton_semantics_cpu():
     w2, b2 = torch.randn(E, 8, 16, generator=g), torch.randn(E, 16, generator=g)
     want = grouped_expert_mlp(x, idx, gates, w1, b1, w2, b2, "gelu", backend="torch")
     torch.testing.assert_close(masked_loop(x, idx, gates, w1, b1, w2, b2), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_backend_fn(RELEASE_BACKEND)(x, idx, gates, w1, b1, w2, b2), masked_loop(x, idx, gates, w1, b1, w2, b2))

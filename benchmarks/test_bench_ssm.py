@@ -33,6 +33,7 @@ evaluation, 4 + 4 clips of 4 frames at 32 px for data loading; no ViT-B/16.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -166,24 +167,24 @@ def _step_fn(kind: str, t: dict[str, Any]) -> Callable[[], float]:
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
-def test_train_step_tiny(benchmark, bench_timed, tiny_train, extra_report, monkeypatch, kind):
+def test_train_step_tiny(benchmark, bench_timed, tiny_train, extra_report, kind):
     """One optimizer step of the reference SSM (tiny backbone, CPU); time, clips/s and peak RSS."""
-    import facelayers.moe.layer as moe_layer
-
     t = tiny_train
     benchmark.group = t["group"]
+    stack = contextlib.ExitStack()
     if kind == "release":
         set_role(benchmark, "baseline")
-        monkeypatch.setattr(moe_layer, "grouped_expert_mlp", R.release_expert_dispatch)
+        stack.enter_context(R.masked_loop_experts(t["model"]))
     _checkpointing(t["model"], kind == "facelayers_grad_ckpt")
     try:
-        fn = _step_fn(kind, t)
-        loss = benchmark.pedantic(fn, **_rounds("train", bench_timed))
-        assert math.isfinite(loss), f"{kind}: non-finite loss {loss}"
-        mem: dict[str, float] = {}
-        if R.rss_measurable():
-            mem = R.peak_rss_delta(fn, repeats=3) if bench_timed else R.peak_rss_delta(fn, 1, trim=False)
-        _record_clips(benchmark, extra_report, t["clips"], **{k: round(v, 1) for k, v in mem.items()})
+        with stack:
+            fn = _step_fn(kind, t)
+            loss = benchmark.pedantic(fn, **_rounds("train", bench_timed))
+            assert math.isfinite(loss), f"{kind}: non-finite loss {loss}"
+            mem: dict[str, float] = {}
+            if R.rss_measurable():
+                mem = R.peak_rss_delta(fn, repeats=3) if bench_timed else R.peak_rss_delta(fn, 1, trim=False)
+            _record_clips(benchmark, extra_report, t["clips"], **{k: round(v, 1) for k, v in mem.items()})
     finally:
         _checkpointing(t["model"], False)
 
@@ -423,17 +424,16 @@ GPU_KINDS = ["facelayers_bf16", "facelayers_bf16_grad_ckpt", "release_fp32"]
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("kind", GPU_KINDS)
-def test_gpu_train_step_vitb16(benchmark, gpu_train, extra_report, monkeypatch, kind):
+def test_gpu_train_step_vitb16(benchmark, gpu_train, extra_report, kind):
     """Paper batch on one GPU: facelayers (bf16 autocast, one pass, Triton experts) vs release (fp32,
     two passes, masked loop). Peak memory = torch.cuda.max_memory_allocated of one step."""
-    import facelayers.moe.layer as moe_layer
-
     t = gpu_train
     model, opt, eb, ab, dev = t["model"], t["opt"], t["eb"], t["ab"], t["device"]
     benchmark.group = "train step ViT-B/16 GPU 12+8x16f"
+    stack = contextlib.ExitStack()
     if kind == "release_fp32":
         set_role(benchmark, "baseline")
-        monkeypatch.setattr(moe_layer, "grouped_expert_mlp", R.release_expert_dispatch)
+        stack.enter_context(R.masked_loop_experts(model))
         fn = lambda: R.release_step(model, opt, eb, ab)  # noqa: E731
     else:
         fn = lambda: R.facelayers_step(model, opt, eb, ab, amp_dtype=torch.bfloat16)  # noqa: E731
@@ -449,4 +449,5 @@ def test_gpu_train_step_vitb16(benchmark, gpu_train, extra_report, monkeypatch, 
         _record_clips(benchmark, extra_report, t["clips"], peak_gib=round(peak / 2**30, 2),
                       peak_above_state_gib=round((peak - base) / 2**30, 2))
     finally:
+        stack.close()
         _checkpointing(model, False)

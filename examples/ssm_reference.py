@@ -7,13 +7,29 @@ on 2 CPU cores, evaluates it on held-out test data (model selection on a validat
 from the training data), writes a run folder and prints a summary table. With arguments it runs the
 paper's setup (ViT-B/16 weights, BP4D/DISFA + DFEW/FERV39K/MAFW). See ``docs/reference.md``.
 
+The model is the library's (``facelayers.models.ssm``); this script is the recipe around it (CLI,
+data, training loop, evaluation, report). The model is assembled from its parts like this
+(:func:`assemble_model` below; ``facelayers.models.ssm.build_model`` does the same)::
+
+    clip = build_backbone("tiny")                        # open_clip CLIP (vision + text towers)
+    visual = build_vision_encoder(clip, cfg)             # MoE FFNs injected, routed per task
+    text = build_text_side(clip, cfg)                    # TSP prompts on the frozen text tower
+    mapping = build_mapping(cfg)                         # DPM between expression and AU prototypes
+    exp_temporal, au_temporal = build_temporal_heads(cfg, dim)
+    exp_head, au_head = build_heads(cfg, dim)            # cosine heads against the prototypes
+    model = SSMModel(visual, exp_temporal, au_temporal, exp_head, au_head, text=text, mapping=mapping)
+
 Distributed: ``torchrun --nproc_per_node=N examples/ssm_reference.py ...`` (gloo on CPU, nccl on
-GPU; DistributedDataParallel, never DataParallel).
+GPU; DistributedDataParallel, never DataParallel). Every argument is checked before any data or
+model is built; a bad one prints ``error: ... (expected ..., got ...)`` and exits with code 2
+(``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -26,15 +42,46 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0" if os.environ.get("SSM_ALLOW_DOWNLOAD") else "1")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-import ssm_builders as B  # noqa: E402
 from facelayers import facs  # noqa: E402
+from facelayers.io import load_optimizer, save_optimizer  # noqa: E402
+from facelayers.models import cli  # noqa: E402
+from facelayers.models.ssm import (  # noqa: E402
+    MODES,
+    TINY_CLIP,
+    ModelConfig,
+    SSMModel,
+    build_backbone,
+    build_heads,
+    build_mapping,
+    build_optimizer,
+    build_scheduler,
+    build_temporal_heads,
+    build_text_side,
+    build_vision_encoder,
+    load_weights,
+    save_model,
+    tiny_clip_kwargs,
+)
+from facelayers.models.ssm import data as ssm_data  # noqa: E402
+from facelayers.moe import TaskTopKRouter  # noqa: E402
 from facelayers.ops.grouped_experts import BACKENDS as MOE_BACKENDS  # noqa: E402
+
+
+def assemble_model(cfg: ModelConfig, clip: nn.Module, router_layer: Any = None) -> SSMModel:
+    """The reference SSM from its parts (the order fixes the initial weights for a seed)."""
+    cfg.validate()
+    visual = build_vision_encoder(clip, cfg, router_layer=router_layer)  # clip.visual + MoE FFNs
+    text = build_text_side(clip, cfg)  # None without TSP
+    mapping = build_mapping(cfg)  # None without DPM / a sibling
+    dim = int(visual.output_dim)
+    exp_temporal, au_temporal = build_temporal_heads(cfg, dim)
+    exp_head, au_head = build_heads(cfg, dim)
+    return SSMModel(visual, exp_temporal, au_temporal, exp_head, au_head, text=text, mapping=mapping, config=cfg)
+
 
 # ----------------------------------------------------------------------------------------------
 # CLI
@@ -44,37 +91,78 @@ PAPER_LR_VISUAL = 1e-6
 PAPER_LR = 1e-4
 
 
+def tiny_spec(text: str) -> str:
+    """``--tiny IMG,PATCH,WIDTH,LAYERS``, checked (argparse ``type=``)."""
+    parts = text.split(",")
+    try:
+        vals = [int(v) for v in parts]
+    except ValueError:
+        vals = []
+    if len(parts) != 4 or len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"expected IMG,PATCH,WIDTH,LAYERS (four integers, e.g. 32,8,64,2), got {text!r}")
+    try:
+        tiny_clip_kwargs(*vals)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def tiny_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``open_clip.CLIP`` kwargs of ``--tiny`` (``None``: the default tiny CLIP or a named backbone)."""
+    return tiny_clip_kwargs(*[int(v) for v in args.tiny.split(",")]) if args.tiny else None
+
+
+def rank_expert(text: str) -> str:
+    """``--debug-drop-expert RANK:EXPERT``, checked (argparse ``type=``)."""
+    parts = text.split(":")
+    try:
+        rank, expert = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK:EXPERT (two integers >= 0, e.g. 0:1), got {text!r}") from None
+    if rank < 0 or expert < 0:
+        raise argparse.ArgumentTypeError(f"expected RANK:EXPERT with both >= 0, got {text!r}")
+    return text
+
+
+def rank_expert_values(text: str) -> tuple[int, int]:
+    """``"RANK:EXPERT"`` (checked by :func:`rank_expert`) -> ``(rank, expert)``."""
+    rank, expert = (int(v) for v in text.split(":"))
+    return rank, expert
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ScriptArgumentParser(
         prog="ssm_reference.py",
         description="Train and evaluate the reference SSM (STL / Baseline / SSM) on synthetic or real data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    pos_int, nonneg_int, pos_float, nonneg_float = cli.positive_int, cli.nonnegative_int, cli.positive_float, cli.nonnegative_float
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (default runs/<mode>-<task>-seed<seed>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=cli.output_folder, default=None, help="run folder (default runs/<mode>-<task>-seed<seed>)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--quick", action="store_true", help="smoke run (< 1 min on CPU): tiny data, 1 epoch")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint if present")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    g.add_argument("--device", type=cli.device_arg, default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     g.add_argument("--no-plots", action="store_true", help="skip PNG plots")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=pos_int, default=None,
                    help="torch CPU threads per process (default: 1 for the tiny backbone on CPU, whose small "
                         "matmuls gain little from threads and lose a lot when cores are shared)")
+    g.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     g = p.add_argument_group("model")
-    g.add_argument("--mode", choices=B.MODES, default="ssm", help="stl: one task, plain CLIP + linear head; "
+    g.add_argument("--mode", choices=MODES, default="ssm", help="stl: one task, plain CLIP + linear head; "
                    "baseline: joint MoE + linear heads (Table V row 1); ssm: full model")
     g.add_argument("--task", choices=("exp", "au"), default="exp", help="task of --mode stl")
     g.add_argument("--backbone", default="tiny", help="'tiny' (random init) or an open_clip name, e.g. ViT-B-16")
     g.add_argument("--pretrained", default=None, help="local checkpoint file or open_clip tag (e.g. openai)")
-    g.add_argument("--tiny", default=None, metavar="IMG,PATCH,WIDTH,LAYERS",
-                   help="shape of the tiny backbone, e.g. 32,8,64,2 (default: ssm_builders.TINY_CLIP)")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip T (default 4 tiny / 16 otherwise)")
+    g.add_argument("--tiny", type=tiny_spec, default=None, metavar="IMG,PATCH,WIDTH,LAYERS",
+                   help="shape of the tiny backbone, e.g. 32,8,64,2 (default: facelayers.models.ssm.TINY_CLIP)")
+    g.add_argument("--frames", type=pos_int, default=None, help="frames per clip T (default 4 tiny / 16 otherwise)")
     g.add_argument("--moe-blocks", default=None, help="'last:6' | 'all' | '0,3' | 'none' (default all tiny / last:6)")
-    g.add_argument("--num-experts", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=2)
-    g.add_argument("--moe-hidden", type=int, default=None, help="private expert hidden size (default 2/3 width: 512 for ViT-B)")
-    g.add_argument("--temporal-heads", type=int, default=None, help="(default 8; 4 for tiny)")
+    g.add_argument("--num-experts", type=pos_int, default=4)
+    g.add_argument("--top-k", type=pos_int, default=2)
+    g.add_argument("--moe-hidden", type=pos_int, default=None, help="private expert hidden size (default 2/3 width: 512 for ViT-B)")
+    g.add_argument("--temporal-heads", type=pos_int, default=None, help="(default 8; 4 for tiny)")
     g.add_argument("--au-select", choices=("center", "all"), default="center",
                    help="supervise the centre frame (paper eq. 5) or all frames (released code)")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of vision blocks")
@@ -96,53 +184,53 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-source", choices=("table_s4", "ssm_release"), default=None,
                    help="prior matrix (default: table_s4 for variant paper, ssm_release for ssm_release)")
     g.add_argument("--desc-style", choices=facs.DESCRIPTION_STYLES, default="compound", help="Table VIII")
-    g.add_argument("--n-ctx", type=int, default=8, help="learnable context tokens (Table IX)")
-    g.add_argument("--alpha", type=float, default=0.1, help="initial alpha (Table S3)")
-    g.add_argument("--beta", type=float, default=0.1, help="initial beta (Table S3)")
-    g.add_argument("--tau", type=float, default=0.01, help="cosine-head temperature")
+    g.add_argument("--n-ctx", type=pos_int, default=8, help="learnable context tokens (Table IX)")
+    g.add_argument("--alpha", type=cli.finite_float, default=0.1, help="initial alpha (Table S3)")
+    g.add_argument("--beta", type=cli.finite_float, default=0.1, help="initial beta (Table S3)")
+    g.add_argument("--tau", type=pos_float, default=0.01, help="cosine-head temperature")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     g.add_argument("--au-dataset", choices=("bp4d", "disfa"), default="bp4d")
-    g.add_argument("--au-root", default=None)
-    g.add_argument("--au-manifest", default=None, help="training manifest (real data)")
-    g.add_argument("--au-test-manifest", default=None)
+    g.add_argument("--au-root", type=cli.existing_folder, default=None)
+    g.add_argument("--au-manifest", type=cli.existing_file, default=None, help="training manifest (real data)")
+    g.add_argument("--au-test-manifest", type=cli.existing_file, default=None)
     g.add_argument("--exp-dataset", choices=("dfew", "ferv39k", "mafw"), default="dfew")
-    g.add_argument("--exp-root", default=None)
-    g.add_argument("--exp-manifest", default=None, help="training manifest (real data)")
-    g.add_argument("--exp-test-manifest", default=None)
-    g.add_argument("--fold", type=int, default=1, help="fold number (real data: names in the manifests; synthetic: 1..3)")
-    g.add_argument("--val-fraction", type=float, default=0.15, help="validation split carved from training data")
-    g.add_argument("--exp-fraction", type=float, default=1.0, help="fraction of expression training data (Table S1)")
-    g.add_argument("--au-fraction", type=float, default=1.0, help="fraction of AU training data (Table S2)")
-    g.add_argument("--synthetic-size", type=float, default=1.0, help="scale of the synthetic benchmark")
+    g.add_argument("--exp-root", type=cli.existing_folder, default=None)
+    g.add_argument("--exp-manifest", type=cli.existing_file, default=None, help="training manifest (real data)")
+    g.add_argument("--exp-test-manifest", type=cli.existing_file, default=None)
+    g.add_argument("--fold", type=pos_int, default=1, help="fold number (real data: names in the manifests; synthetic: 1..3)")
+    g.add_argument("--val-fraction", type=cli.open_unit_float, default=0.15, help="validation split carved from training data")
+    g.add_argument("--exp-fraction", type=cli.unit_float, default=1.0, help="fraction of expression training data (Table S1)")
+    g.add_argument("--au-fraction", type=cli.unit_float, default=1.0, help="fraction of AU training data (Table S2)")
+    g.add_argument("--synthetic-size", type=pos_float, default=1.0, help="scale of the synthetic benchmark")
     g.add_argument("--synthetic-balance", choices=("uniform", "dfew"), default="uniform",
                    help="class balance of the synthetic expression clips (dfew: DFEW-like imbalance)")
-    g.add_argument("--synthetic-nuisance", type=float, default=0.5,
+    g.add_argument("--synthetic-nuisance", type=nonneg_float, default=0.5,
                    help="pose / lighting / clutter strength of the synthetic wild clips (the dataset's own default "
                         "is 1.0; 0.5 lets the random-init tiny CLIP learn the task in the default run's budget)")
-    g.add_argument("--data-seed", type=int, default=0,
+    g.add_argument("--data-seed", type=nonneg_int, default=0,
                    help="synthetic benchmark seed (fixed across --seed so seeds measure training variance)")
-    g.add_argument("--workers", type=int, default=0)
+    g.add_argument("--workers", type=nonneg_int, default=0)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="(default 14 tiny / 30 paper)")
-    g.add_argument("--batch-exp", type=int, default=None, help="expression clips per step (paper 12)")
-    g.add_argument("--batch-au", type=int, default=None, help="AU clips per step (paper 128)")
-    g.add_argument("--lr", type=float, default=None, help=f"lr of new parts (paper {PAPER_LR:g}; tiny default 1e-3)")
-    g.add_argument("--lr-visual", type=float, default=None,
+    g.add_argument("--epochs", type=pos_int, default=None, help="(default 14 tiny / 30 paper)")
+    g.add_argument("--batch-exp", type=pos_int, default=None, help="expression clips per step (paper 12)")
+    g.add_argument("--batch-au", type=pos_int, default=None, help="AU clips per step (paper 128)")
+    g.add_argument("--lr", type=pos_float, default=None, help=f"lr of new parts (paper {PAPER_LR:g}; tiny default 1e-3)")
+    g.add_argument("--lr-visual", type=pos_float, default=None,
                    help=f"lr of the pretrained vision weights (paper {PAPER_LR_VISUAL:g}; tiny random-init default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr *= gamma (paper 10 20)")
-    g.add_argument("--gamma", type=float, default=0.1)
-    g.add_argument("--lam", type=float, default=2.0, help="task balance lambda (eq. 14)")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    g.add_argument("--milestones", type=pos_int, nargs="*", default=None, help="epochs where lr *= gamma (paper 10 20)")
+    g.add_argument("--gamma", type=pos_float, default=0.1)
+    g.add_argument("--lam", type=nonneg_float, default=2.0, help="task balance lambda (eq. 14)")
+    g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
     g.add_argument("--ddp-find-unused", action="store_true",
                    help="DDP find_unused_parameters=True instead of the zero-contribution trick")
-    g.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps per epoch (debugging)")
+    g.add_argument("--max-steps", type=pos_int, default=None, help="cap optimizer steps per epoch (debugging)")
     g = p.add_argument_group("diagnostics")
     g.add_argument("--check-replicas", action="store_true",
                    help="after training, verify that all DDP ranks hold identical parameters (writes ddp_check.json)")
-    g.add_argument("--debug-drop-expert", default=None, metavar="RANK:EXPERT",
+    g.add_argument("--debug-drop-expert", type=rank_expert, default=None, metavar="RANK:EXPERT",
                    help="on that rank, routers never pick that private expert (tests DDP with an expert "
                         "that receives no tokens on one rank)")
     return p
@@ -183,13 +271,13 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def model_config(args: argparse.Namespace, expressions: Sequence[str], aus: Sequence[int]) -> B.ModelConfig:
+def model_config(args: argparse.Namespace, expressions: Sequence[str], aus: Sequence[int]) -> ModelConfig:
     tasks = (args.task,) if args.mode == "stl" else ("exp", "au")
     mapping = "none" if args.no_dpm else args.mapping
-    return B.ModelConfig(
+    return ModelConfig(
         mode=args.mode, tasks=tasks, expressions=tuple(expressions), aus=tuple(int(a) for a in aus),
         backbone=args.backbone, num_frames=args.frames,
-        clip_kwargs=B.tiny_clip_kwargs(*[int(v) for v in args.tiny.split(",")]) if args.tiny else None,
+        clip_kwargs=tiny_kwargs(args),
         moe=args.mode != "stl", moe_blocks=args.moe_blocks, num_experts=args.num_experts, top_k=args.top_k,
         moe_hidden=args.moe_hidden, temporal_heads=args.temporal_heads, au_select=args.au_select,
         tsp=not args.no_tsp, mapping=mapping, desc_style=args.desc_style, n_ctx=args.n_ctx, tau=args.tau,
@@ -241,23 +329,6 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return dev
 
 
-def gather_cat(t: Tensor, dd: Dist) -> Tensor:
-    """Concatenate a CPU tensor over ranks (variable first dimension; works on gloo and nccl)."""
-    if not dd.enabled:
-        return t
-    out: list[Any] = [None] * dd.world
-    dist.all_gather_object(out, t.cpu())
-    return torch.cat(out)
-
-
-def broadcast_bool(flag: bool, dd: Dist) -> bool:
-    if not dd.enabled:
-        return flag
-    obj = [flag]
-    dist.broadcast_object_list(obj, src=0)
-    return bool(obj[0])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -286,9 +357,21 @@ def zero_contribution(model: nn.Module) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+#: ``{key: DataBundle}`` when :func:`enable_dataset_cache` was called (sweeps reuse datasets).
+_DATASET_CACHE: dict[str, Any] | None = None
+
+
+def enable_dataset_cache() -> None:
+    """Reuse datasets between in-process runs that ask for the same data (the training seed does not
+    change the synthetic benchmark); used by ``ssm_sweep.py``."""
+    global _DATASET_CACHE
+    if _DATASET_CACHE is None:
+        _DATASET_CACHE = {}
+
+
 def build_data(args: argparse.Namespace, dd: Dist) -> Any:
-    """Datasets for train / val / test of both tasks (see ssm_builders.build_datasets)."""
-    return B.build_datasets(
+    """Datasets for train / val / test of both tasks (see facelayers.models.ssm.data.build_datasets)."""
+    kw = dict(
         data=args.data, frames=args.frames, image_size=args.image_size, seed=args.seed, data_seed=args.data_seed,
         class_balance=args.synthetic_balance, nuisance=args.synthetic_nuisance, fold=args.fold,
         quick=args.quick, size=args.synthetic_size, val_fraction=args.val_fraction,
@@ -298,6 +381,13 @@ def build_data(args: argparse.Namespace, dd: Dist) -> Any:
         exp_manifest=args.exp_manifest, exp_test_manifest=args.exp_test_manifest,
         au_select=args.au_select, tasks=(args.task,) if args.mode == "stl" else ("exp", "au"),
     )
+    if _DATASET_CACHE is None:
+        return ssm_data.build_datasets(**kw)
+    key_kw = {k: v for k, v in kw.items() if not (k == "seed" and kw["data"] == "synthetic")}
+    key = json.dumps(key_kw, sort_keys=True, default=str)
+    if key not in _DATASET_CACHE:
+        _DATASET_CACHE[key] = ssm_data.build_datasets(**kw)
+    return _DATASET_CACHE[key]
 
 
 def make_train_loader(ds: Any, batch: int, dd: Dist, seed: int, workers: int) -> tuple[Any, Any]:
@@ -396,7 +486,7 @@ def make_pairs(loaders: dict[str, Any], args: argparse.Namespace) -> Any:
                                au_fraction=args.au_fraction, seed=args.seed)
 
 
-def train_one_epoch(model: nn.Module, core: B.SSMModel, pairs: Any, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: torch.optim.Optimizer,
                     args: argparse.Namespace, device: torch.device, dd: Dist, epoch: int) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -423,7 +513,7 @@ def train_one_epoch(model: nn.Module, core: B.SSMModel, pairs: Any, optimizer: t
             raise ValueError(f"expression clips have {t} frames, AU clips {au_clips.shape[1]}; use the same --frames")
         optimizer.zero_grad(set_to_none=True)
         # per-sample task routing of the concatenated pass (the forward would set it up by itself;
-        # activation checkpointing carries the task ids into its recomputation, see ssm_builders)
+        # activation checkpointing carries the task ids into its recomputation, see facelayers.moe)
         with core.routing(n_exp, n_au, t, device):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(exp_clips, au_clips)
@@ -455,89 +545,54 @@ def train_one_epoch(model: nn.Module, core: B.SSMModel, pairs: Any, optimizer: t
     return res
 
 
+def _au_batch(out: dict[str, Tensor], batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """AU probabilities, labels and the mask of the frames that count (centre or all frames)."""
+    logits = out["au_logits"].float()
+    labels = batch["labels"].float()
+    mask = batch.get("mask")
+    if logits.dim() == 3:  # all frames: mask [B, T] True = labelled frame
+        return logits.sigmoid(), labels, mask.bool() if mask is not None else None
+    if labels.dim() == 3:  # [B, T, M] labels with centre supervision
+        labels = labels[:, labels.shape[1] // 2]
+    keep = mask[:, mask.shape[1] // 2].bool() if mask is not None and mask.dim() == 2 else None
+    return logits.sigmoid(), labels, keep
+
+
 @torch.no_grad()
-def predict(core: B.SSMModel, loader: Any, task: str, device: torch.device, dd: Dist, amp: bool) -> dict[str, Tensor]:
-    """Run one task over a loader shard; returns gathered CPU tensors (scores, targets)."""
+def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: Dist, args: argparse.Namespace) -> dict[str, Any]:
+    """Test / validation metrics with facelayers' streaming meters (reduced over DDP ranks; each
+    rank evaluates its own shard of the items)."""
+    from facelayers.metrics import AUMeter, ExpressionMeter
+
+    amp = device.type == "cuda" and not args.no_amp
     core.eval()
-    scores, targets, masks = [], [], []
-    if loader is not None:
-        for batch in loader:
+    res: dict[str, Any] = {}
+    cfg = core.cfg
+    for task in ("exp", "au"):
+        if task not in core.tasks or loaders.get(task) is None:
+            continue
+        meter = ExpressionMeter(len(cfg.expressions)) if task == "exp" else AUMeter(len(cfg.aus))
+        for batch in loaders[task]:
             batch = to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = core(batch["clip"], None) if task == "exp" else core(None, batch["clip"])
             if task == "exp":
-                scores.append(out["exp_logits"].float().softmax(-1).cpu())
-                targets.append(batch["label"].cpu())
+                meter.update(out["exp_logits"].float().softmax(-1), batch["label"])
             else:
-                logits = out["au_logits"].float()
-                labels = batch["labels"].float()
-                mask = batch.get("mask")
-                if logits.dim() == 3:
-                    m = mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-                    scores.append(logits.sigmoid()[m].cpu())
-                    targets.append(labels[m].cpu())
-                else:
-                    if labels.dim() == 3:
-                        labels = labels[:, labels.shape[1] // 2]
-                    keep = mask[:, mask.shape[1] // 2].bool() if mask is not None and mask.dim() == 2 else None
-                    p = logits.sigmoid()
-                    if keep is not None:
-                        p, labels = p[keep], labels[keep]
-                    scores.append(p.cpu())
-                    targets.append(labels.cpu())
-    if scores:
-        s, y = torch.cat(scores), torch.cat(targets)
-    else:
-        s = torch.zeros(0)
-        y = torch.zeros(0, dtype=torch.long)
-    return {"scores": gather_cat(s, dd), "targets": gather_cat(y, dd)}
+                meter.update(*_au_batch(out, batch))
+        m = meter.compute()
+        if task == "exp":
+            res["exp"] = {"uar": float(m["uar"]), "war": float(m["war"]),
+                          "confusion_matrix": m["confusion_matrix"].tolist(), "n": int(m["num_samples"])}
+            continue
 
+        def per_au(values: Tensor) -> dict[str, float | None]:
+            return {facs.au_label(a): (None if v != v else float(v)) for a, v in zip(cfg.aus, values.tolist())}
 
-def exp_metrics(scores: Tensor, targets: Tensor, num_classes: int) -> dict[str, Any]:
-    from facelayers.metrics import confusion_matrix, uar, war
-
-    pred = scores.argmax(-1)
-    return {
-        "uar": float(uar(pred, targets, num_classes)),
-        "war": float(war(pred, targets)),
-        "confusion_matrix": confusion_matrix(pred, targets, num_classes).tolist(),
-        "n": int(targets.numel()),
-    }
-
-
-def au_metrics(scores: Tensor, targets: Tensor, aus: Sequence[int]) -> dict[str, Any]:
-    from facelayers.metrics import au_auc, au_f1
-
-    f1 = au_f1(scores, targets, threshold=0.5)
-    try:
-        auc = au_auc(scores, targets)
-    except ValueError:
-        auc = None
-    per = [None if (v != v) else float(v) for v in torch.as_tensor(f1["per_au"]).tolist()]
-    res = {
-        "f1_mean": float(f1["mean"]),
-        "f1_per_au": {facs.au_label(a): v for a, v in zip(aus, per)},
-        "n": int(targets.shape[0]),
-    }
-    if auc is not None:
-        if isinstance(auc, dict):
-            res["auc_mean"] = float(auc["mean"])
-            res["auc_per_au"] = {facs.au_label(a): (None if v != v else float(v))
-                                 for a, v in zip(aus, torch.as_tensor(auc["per_au"]).tolist())}
-        else:
-            res["auc_mean"] = float(auc)
-    return res
-
-
-def evaluate(core: B.SSMModel, loaders: dict[str, Any], device: torch.device, dd: Dist, args: argparse.Namespace) -> dict[str, Any]:
-    amp = device.type == "cuda" and not args.no_amp
-    res: dict[str, Any] = {}
-    if "exp" in core.cfg.tasks and loaders.get("exp") is not None:
-        r = predict(core, loaders["exp"], "exp", device, dd, amp)
-        res["exp"] = exp_metrics(r["scores"], r["targets"], len(core.cfg.expressions))
-    if "au" in core.cfg.tasks and loaders.get("au") is not None:
-        r = predict(core, loaders["au"], "au", device, dd, amp)
-        res["au"] = au_metrics(r["scores"], r["targets"], core.cfg.aus)
+        res["au"] = {"f1_mean": float(m["f1"]), "f1_per_au": per_au(m["f1_per_au"]), "n": int(m["num_samples"])}
+        if m["auc"] is not None:
+            res["au"]["auc_mean"] = float(m["auc"])
+            res["au"]["auc_per_au"] = per_au(m["auc_per_au"])
     return res
 
 
@@ -568,7 +623,7 @@ def flat_metrics(prefix: str, m: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def chance_levels(data: Any, cfg: B.ModelConfig) -> dict[str, float]:
+def chance_levels(data: Any, cfg: ModelConfig) -> dict[str, float]:
     """Chance references on the test data: UAR of a constant/random guess = 1/K; AU F1 of
     predicting every AU active = mean over AUs of 2p/(1+p) (p = positive rate)."""
     res = {"uar": 1.0 / len(cfg.expressions)}
@@ -579,7 +634,7 @@ def chance_levels(data: Any, cfg: B.ModelConfig) -> dict[str, float]:
     return res
 
 
-def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: B.ModelConfig, seconds: float) -> str:
+def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConfig, seconds: float) -> str:
     lines = []
     title = f"SSM reference | mode={cfg.mode}" + (f" task={cfg.tasks[0]}" if cfg.mode == "stl" else "") + \
         f" | backbone={cfg.backbone} | {seconds / 60:.1f} min"
@@ -601,7 +656,7 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: B.ModelCo
     return "\n".join(lines)
 
 
-def write_plots(run: str, core: B.SSMModel, history: list[dict], test: dict[str, Any], maps_before: Any) -> list[str]:
+def write_plots(run: str, core: SSMModel, history: list[dict], test: dict[str, Any], maps_before: Any) -> list[str]:
     from facelayers import viz
 
     paths = []
@@ -630,45 +685,58 @@ def write_plots(run: str, core: B.SSMModel, history: list[dict], test: dict[str,
 # ----------------------------------------------------------------------------------------------
 
 
+class ExpertDroppingRouter(TaskTopKRouter):
+    """Debug aid (``--debug-drop-expert``): a task top-k router that, for its ``dropper`` with
+    ``drop=True``, never picks one private expert (top-k over the other experts, gates from the same
+    softmax), and always counts the tokens each expert receives. Injected through
+    ``inject_moe_(..., router_layer=...)``: nothing is patched."""
+
+    def __init__(self, *args: Any, dropper: ExpertDropper, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dropper = dropper
+
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        d, e = self.dropper, self.num_experts
+        if not d.drop:
+            top_p, top_i = super().select(probs)
+        else:
+            masked = probs.masked_fill(torch.arange(e, device=probs.device) == d.expert, -1.0)
+            _, top_i = masked.topk(self.top_k, dim=-1)
+            top_p = probs.gather(1, top_i)
+            if self.renormalize:
+                top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        d.counts += torch.bincount(top_i.reshape(-1).cpu(), minlength=e)  # debug only: a host sync per call
+        return top_p, top_i
+
+
 class ExpertDropper:
-    """Debug aid: with ``drop=True`` every MoE router on this rank skips one private expert (top-k
-    over the other experts, gates recomputed from the same softmax); always counts the tokens each
-    expert receives."""
+    """Debug aid: with ``drop=True`` every MoE router on this rank skips one private expert; always
+    counts the tokens each expert receives. Pass :attr:`router_layer` to the model's builder, then
+    :meth:`attach` the built model."""
 
-    def __init__(self, core: nn.Module, expert: int, drop: bool = True) -> None:
-        from facelayers.moe import MoEFFN
-
-        self.layers = [m for m in core.modules() if isinstance(m, MoEFFN)]
-        if not self.layers:
-            raise ValueError("--debug-drop-expert needs a model with MoE layers (mode baseline or ssm)")
-        e = self.layers[0].num_experts
-        if not 0 <= expert < e:
-            raise ValueError(f"--debug-drop-expert: expert must be in [0, {e}), got {expert}")
+    def __init__(self, expert: int, num_experts: int, drop: bool = True) -> None:
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"--debug-drop-expert: expert must be in [0, {num_experts}), got {expert}")
         self.expert = expert
         self.drop = drop
-        self.counts = torch.zeros(e, dtype=torch.long)
-        self.initial = [m.w1[:, expert].detach().clone() for m in self.layers]
-        for m in self.layers:
-            m._route = self._wrap(m, m._route)  # noqa: SLF001 - debug instrumentation only
+        self.counts = torch.zeros(num_experts, dtype=torch.long)
+        self.layers: list[nn.Module] = []
+        self.initial: list[Tensor] = []
 
-    def _wrap(self, layer: nn.Module, orig: Any) -> Any:
-        def route(tokens: Tensor, tok_task: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-            top_i, top_p, probs = orig(tokens, tok_task)
-            e = layer.num_experts
-            if not self.drop:
-                self.counts += torch.bincount((top_i % e).reshape(-1).cpu(), minlength=e)
-                return top_i, top_p, probs
-            masked = probs.masked_fill(torch.arange(e, device=probs.device) == self.expert, -1.0)
-            _, top_i = masked.topk(layer.top_k, dim=-1)
-            top_p = probs.gather(1, top_i)
-            if layer.renormalize:
-                top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-            self.counts += torch.bincount(top_i.reshape(-1).cpu(), minlength=e)
-            if tok_task is not None and layer.num_tasks > 1:
-                top_i = top_i + (tok_task * e).unsqueeze(1)
-            return top_i, top_p, probs
+    @property
+    def router_layer(self) -> Any:
+        """Router factory for ``inject_moe_(..., router_layer=...)``."""
+        return functools.partial(ExpertDroppingRouter, dropper=self)
 
-        return route
+    def attach(self, core: nn.Module) -> ExpertDropper:
+        """Remember the model's MoE layers and the dropped expert's initial weights."""
+        from facelayers.moe import iter_moe_layers
+
+        self.layers = list(iter_moe_layers(core))
+        if not self.layers:
+            raise ValueError("--debug-drop-expert needs a model with MoE layers (mode baseline or ssm)")
+        self.initial = [m.experts.w1[:, self.expert].detach().clone() for m in self.layers]
+        return self
 
 
 def check_replicas(core: nn.Module, dd: Dist, dropper: ExpertDropper | None, run_dir: str) -> dict[str, Any]:
@@ -694,7 +762,7 @@ def check_replicas(core: nn.Module, dd: Dist, dropper: ExpertDropper | None, run
     info["expert_dropped_on_rank"] = drops
     info["expert_token_counts_per_rank"] = counts
     if dropper is not None:
-        moved = [float((m.w1[:, dropper.expert].detach() - w0).abs().max()) for m, w0 in zip(dropper.layers, dropper.initial)]
+        moved = [float((m.experts.w1[:, dropper.expert].detach() - w0).abs().max()) for m, w0 in zip(dropper.layers, dropper.initial)]
         info["dropped_expert"] = dropper.expert
         info["dropped_expert_weight_change"] = max(moved)
     if dd.main:
@@ -726,8 +794,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
 
     # backbone first: it fixes the image size the data must be rendered at
-    clip_kwargs = B.tiny_clip_kwargs(*[int(v) for v in args.tiny.split(",")]) if args.tiny else None
-    clip = B.build_backbone(args.backbone, args.pretrained, clip_kwargs=clip_kwargs)
+    clip = build_backbone(args.backbone, args.pretrained, clip_kwargs=tiny_kwargs(args))
     if args.backbone != "tiny" and not args.pretrained and dd.main:
         print(f"warning: --backbone {args.backbone} without --pretrained: random init (pass a checkpoint file "
               "or an open_clip tag to reproduce the paper)", file=sys.stderr)
@@ -738,13 +805,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     t_data = time.time() - t_data
     cfg = model_config(args, data.expressions, data.aus)
     seed_everything(args.seed)  # model init independent of how much randomness data building used
-    core = B.build_model(cfg, clip=clip).to(device)
+    if cfg.backbone == "tiny" and cfg.clip_kwargs is None:
+        cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
+    cfg.image_size = args.image_size
+    dropper = None
+    if args.debug_drop_expert:  # a router that skips one expert on one rank (other ranks only count tokens)
+        r, e = rank_expert_values(args.debug_drop_expert)
+        dropper = ExpertDropper(e, cfg.num_experts, drop=r == dd.rank)
+    core = assemble_model(cfg, clip, router_layer=dropper.router_layer if dropper else None).to(device)
+    if dropper is not None:
+        dropper.attach(core)
     maps_before = None
     if core.mapping is not None and hasattr(core.mapping, "maps"):
         with torch.no_grad():
             maps_before = tuple(m.detach().float().cpu() for m in core.mapping.maps())
-    optimizer = B.build_optimizer(core, lr=args.lr, lr_visual=args.lr_visual, weight_decay=args.weight_decay)
-    scheduler = B.build_scheduler(optimizer, milestones=args.milestones, gamma=args.gamma)
+    optimizer = build_optimizer(core, lr=args.lr, lr_visual=args.lr_visual, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, milestones=args.milestones, gamma=args.gamma)
 
     run_dir = args.out
     ckpt = os.path.join(run_dir, "checkpoint")
@@ -752,8 +828,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         os.makedirs(ckpt, exist_ok=True)
     start_epoch, history, best = 0, [], {"score": -math.inf, "epoch": -1}
     if args.resume and os.path.isfile(os.path.join(ckpt, "trainer.json")):
-        B.load_weights(core, ckpt, "last")
-        meta = B.load_optimizer(optimizer, ckpt)
+        load_weights(core, ckpt, "last")
+        meta = load_optimizer(optimizer, ckpt)
         start_epoch = int(meta["epoch"]) + 1
         history = meta.get("history", [])
         best = meta.get("best", best)
@@ -772,10 +848,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if maps_meta is not None:
             maps_before = tuple(torch.tensor(m) for m in maps_meta)
 
-    dropper = None
-    if args.debug_drop_expert:
-        r, e = (int(v) for v in args.debug_drop_expert.split(":"))
-        dropper = ExpertDropper(core, e, drop=r == dd.rank)  # other ranks only count tokens
 
     model: nn.Module = core
     if dd.enabled:
@@ -828,12 +900,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             print("[ssm] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
                   + f" ({tr['steps']} steps {tr['train_s']:.0f}s, eval {tr['eval_s']:.0f}s)", file=sys.stderr)
             if improved:
-                B.save_model(core, ckpt, {"epoch": epoch + 1, "val": val, "args": _args_json(args)}, name="best")
-            B.save_model(core, ckpt, {"epoch": epoch + 1, "args": _args_json(args)}, name="last")
+                save_model(core, ckpt, {"epoch": epoch + 1, "val": val, "args": _args_json(args)}, name="best")
+            save_model(core, ckpt, {"epoch": epoch + 1, "args": _args_json(args)}, name="last")
             from safetensors.torch import save_file
 
             save_file({"torch": torch.get_rng_state()}, os.path.join(ckpt, "rng.safetensors"))
-            B.save_optimizer(optimizer, ckpt, {
+            save_optimizer(optimizer, ckpt, {
                 "epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
                 "rng": json.dumps(random.getstate()),
                 "maps_before": [m.tolist() for m in maps_before] if maps_before is not None else None,
@@ -845,7 +917,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     # model selection: the best validation epoch; the test split is only touched here
     if os.path.isfile(os.path.join(ckpt, "best.safetensors")):
-        B.load_weights(core, ckpt, "best")
+        load_weights(core, ckpt, "best")
     test = evaluate(core, test_loaders, device, dd, args)
     seconds = time.time() - t0
     chance = chance_levels(data, cfg)
@@ -877,20 +949,99 @@ def _args_json(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Every check that needs more than one argument, before any data or model is built (single
+    values are checked by the parser's ``type=`` functions); fills the backbone-dependent defaults.
+
+    Raises:
+        cli.UsageError: ``--<option>: <what> (expected ..., got ...)``.
+    """
+    import open_clip
+
+    err = cli.UsageError
+    if args.backbone == "tiny":
+        if args.pretrained:
+            raise err(f"--pretrained: the tiny backbone is random-init only (expected no --pretrained, or --backbone "
+                      f"ViT-B-16, got {args.pretrained!r})")
+        clip_kw = tiny_kwargs(args) or TINY_CLIP
+        width, layers = clip_kw["embed_dim"], clip_kw["vision_cfg"]["layers"]
+    else:
+        if args.tiny:
+            raise err(f"--tiny: shapes the tiny backbone only (expected --backbone tiny, got --backbone {args.backbone})")
+        if args.backbone not in open_clip.list_models():
+            raise err(f"--backbone: unknown model (expected 'tiny' or an open_clip name such as 'ViT-B-16', got "
+                      f"{args.backbone!r})")
+        p = args.pretrained
+        if p and (os.sep in p or p.endswith((".pt", ".bin", ".pth", ".safetensors"))) and not os.path.isfile(p):
+            raise err(f"--pretrained: weights file not found (expected an existing checkpoint file or an open_clip "
+                      f"tag such as 'openai', got {p!r})")
+        ocfg = open_clip.get_model_config(args.backbone) or {}
+        width, layers = ocfg.get("embed_dim"), ocfg.get("vision_cfg", {}).get("layers")
+    args = resolve_defaults(args)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise err(f"--out: expected a folder (new or existing), got the file {args.out!r}")
+    if args.mode == "stl" and args.debug_drop_expert:
+        raise err("--debug-drop-expert: needs MoE layers (expected --mode baseline or ssm, got --mode stl)")
+    if args.top_k > args.num_experts:
+        raise err(f"--top-k: cannot exceed --num-experts (expected <= {args.num_experts}, got {args.top_k})")
+    if args.debug_drop_expert:
+        r, e = rank_expert_values(args.debug_drop_expert)
+        if e >= args.num_experts:
+            raise err(f"--debug-drop-expert: expert out of range (expected 0..{args.num_experts - 1}, got {e})")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if r >= world:
+            raise err(f"--debug-drop-expert: rank out of range (expected 0..{world - 1}, got {r})")
+    if width is not None and width % args.temporal_heads:
+        raise err(f"--temporal-heads: must divide the feature width {width} (expected a divisor of {width}, got "
+                  f"{args.temporal_heads})")
+    if layers is not None and args.mode != "stl":
+        from facelayers.models.ssm import moe_block_indices
+
+        try:
+            moe_block_indices(args.moe_blocks, layers)
+        except (ValueError, TypeError) as e:
+            raise err(f"--moe-blocks: {e}") from None
+    if sorted(set(args.milestones)) != list(args.milestones):
+        raise err(f"--milestones: expected increasing distinct epochs, got {args.milestones}")
+    if args.dpm_variant == "ssm_release":
+        for name in ("alpha", "beta"):
+            v = getattr(args, name)
+            if not 0.0 < v < 1.0:
+                raise err(f"--{name}: the ssm_release DPM gates it with a sigmoid (expected 0 < {name} < 1, got {v})")
+    if args.data == "synthetic":
+        n_folds = 5 if args.mode == "stl" and args.task == "exp" else 3  # expression: 5 folds, AU: 3
+        if args.fold > n_folds:
+            raise err(f"--fold: the synthetic benchmark has folds 1..{n_folds} (expected <= {n_folds}, got {args.fold})")
+    else:
+        tasks = (args.task,) if args.mode == "stl" else ("exp", "au")
+        need = []
+        if "au" in tasks:
+            need += ["au_root", "au_manifest", "au_test_manifest"]
+        if "exp" in tasks:
+            need += ["exp_root", "exp_manifest", "exp_test_manifest"]
+        missing = ["--" + n.replace("_", "-") for n in need if not getattr(args, n)]
+        if missing:
+            raise err(f"--data real: missing options (expected {', '.join(missing)}, got none; see docs/reference.md)")
+    cfg = model_config(args, facs.EXPRESSIONS_7, facs.BP4D_AUS)
     try:
-        run(args)
-    except B.BackboneUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except B.DataUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        cfg.validate()
+    except ValueError as e:
+        raise err(f"invalid model options: {e}") from None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: ``error: ...`` + exit code 2 for every user error (``--debug``: traceback)."""
+    def _main(a: list[str]) -> int:
+        args = validate_args(build_parser().parse_args(a))
+        try:
+            run(args)
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
+
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":

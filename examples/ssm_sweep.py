@@ -22,10 +22,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import ssm_builders as B  # noqa: E402
-import ssm_reference as R  # noqa: E402
+
+def _load_reference() -> Any:
+    """``examples/ssm_reference.py`` as a module, loaded from its path beside this script."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssm_reference.py")
+    spec = importlib.util.spec_from_file_location("ssm_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+R = _load_reference()
 
 #: name -> (ssm_reference flags, table label)
 CONFIGS: dict[str, tuple[list[str], str]] = {
@@ -43,24 +53,6 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
 DEFAULT_CONFIGS = ["stl-exp", "stl-au", "baseline", "tsp", "ssm", "dpm-random", "dpm-frozen"]
 
 
-def _memoize_datasets() -> None:
-    """Reuse datasets between runs that ask for the same data (the training seed does not change
-    the synthetic benchmark)."""
-    cache: dict[str, Any] = {}
-    build = B.build_datasets
-
-    def cached(**kw: Any) -> Any:
-        key_kw = dict(kw)
-        if kw.get("data") == "synthetic":
-            key_kw.pop("seed", None)
-        key = json.dumps(key_kw, sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = build(**kw)
-        return cache[key]
-
-    B.build_datasets = cached
-
-
 def _done(results_path: str) -> set[tuple[str, int]]:
     if not os.path.isfile(results_path):
         return set()
@@ -72,7 +64,7 @@ def run_sweep(out: str, configs: Sequence[str], seeds: Sequence[int], extra: Seq
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, "results.jsonl")
     done = _done(results_path)
-    _memoize_datasets()
+    R.enable_dataset_cache()
     for name in configs:
         flags, _ = CONFIGS[name]
         for seed in seeds:

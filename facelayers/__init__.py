@@ -20,8 +20,10 @@ from .facs import (
     Expression,
     UnknownLabelError,
     au_descriptions,
+    check_descriptions,
     expression_descriptions,
     prior_matrix,
+    release_descriptions,
 )
 
 from . import data
@@ -37,18 +39,28 @@ from .data import (
     ValidationReport,
     eval_transform,
     get_split,
+    group_by_subject,
     list_splits,
+    parse_subject,
     read_manifest,
     segment_indices,
+    subject_split,
     train_transform,
     validate_manifest,
     write_manifest,
 )
 
 from .data.synthetic import SyntheticAUDataset, SyntheticExpressionDataset
-from .heads import CosineClassifier
-from .prior_mapping import DynamicPriorMapping, LinearSemanticMapping, MLPSemanticMapping
-from .prompts import CLIPTextTower, PromptLearner, TextPrototypes
+from .heads import AUPairSmoothing, CosineClassifier, LinearCosineHead
+from .prior_mapping import (
+    DynamicPriorMapping,
+    LinearSemanticMapping,
+    MLPSemanticMapping,
+    ReleasePriorMapping,
+    build_prior_mapping,
+)
+from .prompts import CLIPTextTower, PromptLearner, StoredPromptLearner, TextPrototypes
+from .training import ClipMixup, MovingMeanLossBalance, ParameterEMA, mix_clips, mixup_loss, sigmoid_ramp
 
 from .losses import au_loss, expression_loss, joint_loss
 from .metrics import (
@@ -62,18 +74,38 @@ from .metrics import (
     uar,
     war,
 )
-from .temporal import ClipTemporalHead, FrameTemporalHead, TemporalTransformer
+from .temporal import (
+    ClipTemporalHead,
+    FrameTemporalHead,
+    GatedClsTemporalHead,
+    LocalFrameAttention,
+    LocalFrameTemporalHead,
+    TemporalTransformer,
+)
 
 from .moe import (
+    LEGACY_PARAMETER_NAMES,
     SSM_RELEASE_MOE_KWARGS,
+    GroupedExperts,
+    MissingTaskIdsWarning,
     MoEFFN,
+    ReleaseMisroutedTopKRouter,
+    RouterOutput,
+    TaskTopKRouter,
+    TokenLayout,
+    checkpoint_moe_blocks_,
+    current_task_ids,
     inject_moe_,
+    iter_moe_layers,
     load_pre_injection_state_dict,
     map_pre_injection_state_dict,
     moe_aux_loss,
     moe_load_stats,
     moe_parameter_groups,
     moe_task_context,
+    moe_task_state,
+    named_moe_layers,
+    set_shared_activation_,
 )
 from .ops.grouped_experts import grouped_expert_mlp
 
@@ -96,6 +128,8 @@ __all__ = [
     "au_descriptions",
     "expression_descriptions",
     "prior_matrix",
+    "release_descriptions",
+    "check_descriptions",
     # MoE
     "MoEFFN",
     "moe_task_context",
@@ -107,6 +141,19 @@ __all__ = [
     "load_pre_injection_state_dict",
     "moe_parameter_groups",
     "grouped_expert_mlp",
+    "TaskTopKRouter",
+    "ReleaseMisroutedTopKRouter",
+    "RouterOutput",
+    "TokenLayout",
+    "GroupedExperts",
+    "LEGACY_PARAMETER_NAMES",
+    "MissingTaskIdsWarning",
+    "set_shared_activation_",
+    "current_task_ids",
+    "iter_moe_layers",
+    "named_moe_layers",
+    "moe_task_state",
+    "checkpoint_moe_blocks_",
     # text side
     "CLIPTextTower",
     "PromptLearner",
@@ -114,11 +161,19 @@ __all__ = [
     "DynamicPriorMapping",
     "LinearSemanticMapping",
     "MLPSemanticMapping",
+    "ReleasePriorMapping",
+    "build_prior_mapping",
     "CosineClassifier",
+    "LinearCosineHead",
+    "AUPairSmoothing",
+    "StoredPromptLearner",
     # temporal, losses, metrics
     "TemporalTransformer",
     "ClipTemporalHead",
     "FrameTemporalHead",
+    "LocalFrameAttention",
+    "LocalFrameTemporalHead",
+    "GatedClsTemporalHead",
     "expression_loss",
     "au_loss",
     "joint_loss",
@@ -152,4 +207,14 @@ __all__ = [
     "write_manifest",
     "SyntheticAUDataset",
     "SyntheticExpressionDataset",
+    "parse_subject",
+    "group_by_subject",
+    "subject_split",
+    # training utilities
+    "ParameterEMA",
+    "ClipMixup",
+    "MovingMeanLossBalance",
+    "mix_clips",
+    "mixup_loss",
+    "sigmoid_ramp",
 ]

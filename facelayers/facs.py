@@ -13,7 +13,10 @@ Everything the text side (:mod:`facelayers.prompts`) and the prior mapping
 * :func:`prior_matrix` — the binary FACS prior ``P [K, M]`` of paper eq. 19 (``source="table_s4"``)
   or the 1.0 / 0.02 tables that the released SSM code ships (``source="ssm_release"``).
 * :func:`au_descriptions` / :func:`expression_descriptions` — the TSP texts in the paper's three
-  styles (Table VIII): ``"compound"``, ``"standalone"`` and ``"words"``.
+  styles (Table VIII): ``"compound"``, ``"standalone"`` and ``"words"``; with
+  ``source="ssm_release"`` the exact strings the released SSM code feeds its prompt learners
+  (:func:`release_descriptions` gives both lists of one dataset pair). :func:`check_descriptions`
+  validates user texts (non-empty strings).
 
 Examples::
 
@@ -36,6 +39,7 @@ __all__ = [
     "AU",
     "AUS",
     "BP4D_AUS",
+    "DESCRIPTION_SOURCES",
     "DESCRIPTION_STYLES",
     "DFEW_EXPRESSIONS",
     "DISFA_AUS",
@@ -51,9 +55,11 @@ __all__ = [
     "au_code",
     "au_descriptions",
     "au_label",
+    "check_descriptions",
     "check_vocabulary",
     "expression_descriptions",
     "prior_matrix",
+    "release_descriptions",
     "release_prior_table",
 ]
 
@@ -240,6 +246,86 @@ _RELEASE_ACTIVE: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {
 _RELEASE_AU_VOCABS = {"bp4d": BP4D_AUS, "disfa": DISFA_AUS}
 _RELEASE_EXPR_VOCABS = {7: EXPRESSIONS_7, 11: EXPRESSIONS_11}
 
+DESCRIPTION_SOURCES: tuple[str, ...] = ("table_s4", "ssm_release")
+
+# The description strings of the released SSM code (ssm/semantics.py: the AU lists of BP4D and
+# DISFA and the expression lists chosen by `get_task_descriptions`). They are data the released
+# checkpoints depend on: the prompt learners' stored token embeddings are the embeddings of exactly
+# these strings. AU texts are the same in both AU datasets; note AU24 "lip presser" (Table S4 writes
+# "lip pressor").
+_RELEASE_AU_TEXT: dict[int, str] = {
+    1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 6: "cheek raiser",
+    7: "lid tightener", 9: "nose wrinkler", 10: "upper lip raiser", 12: "lip corner puller",
+    14: "dimpler", 15: "lip corner depressor", 17: "chin raiser", 23: "lip tightener",
+    24: "lip presser", 25: "lips part", 26: "jaw drop",
+}
+# Expression texts per (AU dataset, number of classes); the release prefixes each with the name
+# ("happiness, cheek raiser, lip corner puller"), added by `_release_expression_text`. DFEW and
+# FERV39K share the 7-class lists; MAFW's 11-class list is the same for BP4D and DISFA.
+_RELEASE_EXPRESSION_BODY: dict[tuple[str, int], dict[str, str]] = {
+    ("bp4d", 7): {
+        "happiness": "cheek raiser, lip corner puller",
+        "sadness": "inner brow raiser, brow lowerer, lip corner depressor",
+        "neutral": "no active AUs",
+        "anger": "brow lowerer, lid tightener, lip tightener",
+        "surprise": "inner brow raiser, outer brow raiser",
+        "disgust": "upper lip raiser",
+        "fear": "inner brow raiser, outer brow raiser, brow lowerer",
+    },
+    ("disfa", 7): {
+        "happiness": "cheek raiser, lip corner puller",
+        "sadness": "inner brow raiser, brow lowerer",
+        "neutral": "relaxed facial muscles, straight mouth, smooth forehead, unremarkable eyebrows",
+        "anger": "brow lowerer",
+        "surprise": "inner brow raiser, outer brow raiser, jaw drop",
+        "disgust": "nose wrinkler",
+        "fear": "inner brow raiser, outer brow raiser, brow lowerer, jaw drop",
+    },
+}
+_RELEASE_MAFW_BODY: dict[str, str] = {
+    "happiness": "cheek raiser, lip corner puller",
+    "sadness": "inner brow raiser, brow lowerer, lip corner depressor",
+    "neutral": "relaxed facial muscles, no significant action units",
+    "anger": "brow lowerer, upper lid raiser, lip tightener, lips part",
+    "surprise": "inner brow raiser, outer brow raiser, upper lid raiser, jaw drop",
+    "disgust": "nose wrinkler, upper lip raiser, lip corner depressor",
+    "fear": "inner brow raiser, outer brow raiser, brow lowerer, upper lid raiser, jaw drop, lip stretcher",
+    "contempt": "unilateral lip corner tightener",
+    "anxiety": "inner brow raiser, brow lowerer, lip stretcher, lips part",
+    "helplessness": "inner brow raiser, brow lowerer, lip corner depressor, jaw drop",
+    "disappointment": "inner brow raiser, brow lowerer, slight lip corner depressor, lips part",
+}
+_RELEASE_EXPRESSION_BODY[("bp4d", 11)] = _RELEASE_MAFW_BODY
+_RELEASE_EXPRESSION_BODY[("disfa", 11)] = _RELEASE_MAFW_BODY
+#: Expression datasets of the release and their class counts.
+_RELEASE_EXPRESSION_DATASETS: dict[str, int] = {"dfew": 7, "ferv39k": 7, "mafw": 11}
+
+
+def _release_key(au_dataset: str, expressions: str | int) -> tuple[str, int]:
+    """``(au_dataset, num_classes)`` of a release dataset pair, validated."""
+    au = str(au_dataset).strip().lower()
+    if au not in _RELEASE_AU_VOCABS:
+        raise ValueError(
+            f"the released SSM code supports the AU datasets {sorted(_RELEASE_AU_VOCABS)} "
+            f"(expected one of them, got {au_dataset!r})"
+        )
+    if isinstance(expressions, bool):
+        raise TypeError(f"expected an expression dataset name or class count, got {expressions!r}")
+    if isinstance(expressions, int):
+        if expressions not in _RELEASE_EXPR_VOCABS:
+            raise ValueError(
+                f"the released SSM code has 7- and 11-class expression sets (expected 7 or 11, got {expressions})"
+            )
+        return au, expressions
+    name = str(expressions).strip().lower()
+    if name not in _RELEASE_EXPRESSION_DATASETS:
+        raise ValueError(
+            "the released SSM code supports the expression datasets "
+            f"{sorted(_RELEASE_EXPRESSION_DATASETS)} (expected one of them or a class count 7/11, "
+            f"got {expressions!r})"
+        )
+    return au, _RELEASE_EXPRESSION_DATASETS[name]
+
 
 def _valid_aus_text() -> str:
     return ", ".join(f"AU{c}" for c in AUS)
@@ -310,16 +396,85 @@ def check_vocabulary(items: Iterable, kind: str) -> tuple:
     return norm
 
 
-def au_descriptions(aus: Sequence[int | str]) -> list[str]:
-    """Atomic FACS descriptions of AUs (Table S4 upper section), one per AU, in the given order.
+def check_descriptions(texts: Iterable[str], what: str = "description") -> tuple[str, ...]:
+    """Validate free texts used as descriptions and return them as a tuple (unchanged).
+
+    Args:
+        texts: the descriptions, e.g. the ``K`` texts of a :class:`~facelayers.prompts.PromptLearner`.
+        what: what a text is called in error messages.
+
+    Raises:
+        TypeError: ``texts`` is a single string, or an entry is not a string.
+        ValueError: no texts, or an empty / whitespace-only entry (``expected a non-empty
+            description, got ''``).
+    """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"expected a sequence of {what} strings, got the string {texts!r}")
+    out = tuple(texts)
+    if not out:
+        raise ValueError(f"the {what} list is empty (expected at least one {what}, got none)")
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"{what} {i} must be a string (expected str, got {type(t).__name__}: {t!r})")
+        if not t.strip():
+            raise ValueError(f"{what} {i} of {len(out)} is empty (expected a non-empty {what}, got {t!r})")
+    return out
+
+
+def au_descriptions(aus: Sequence[int | str], source: str = "table_s4") -> list[str]:
+    """Atomic FACS descriptions of AUs, one per AU, in the given order.
 
     Args:
         aus: AU codes, e.g. :data:`BP4D_AUS`.
+        source: ``"table_s4"`` — Table S4's upper section (``"lip pressor"`` for AU24);
+            ``"ssm_release"`` — the strings of the released SSM code (``ssm/semantics.py``), which
+            cover the 15 AUs of BP4D and DISFA and write AU24 as ``"lip presser"``.
 
     Returns:
         ``["inner brow raiser", ...]``.
+
+    Raises:
+        ValueError: unknown ``source``, or (``"ssm_release"``) an AU the release does not describe.
     """
-    return [AUS[c].name for c in check_vocabulary(aus, "au")]
+    codes = check_vocabulary(aus, "au")
+    if source == "table_s4":
+        return [AUS[c].name for c in codes]
+    if source != "ssm_release":
+        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES}, got {source!r}")
+    missing = [c for c in codes if c not in _RELEASE_AU_TEXT]
+    if missing:
+        raise ValueError(
+            f"the released SSM code describes AUs {sorted(_RELEASE_AU_TEXT)} "
+            f"(expected AUs among them, got AUs {missing})"
+        )
+    return [_RELEASE_AU_TEXT[c] for c in codes]
+
+
+def release_descriptions(au_dataset: str, expression_dataset: str | int) -> tuple[list[str], list[str]]:
+    """The exact description strings the released SSM code uses for one dataset pair.
+
+    These are what its ``get_task_descriptions`` returns (``ssm/semantics.py``), in the datasets'
+    label orders; its prompt learners embed exactly these texts, so a released checkpoint's stored
+    prompt embeddings belong to them. They differ from Table S4 (see ``docs/facs.md``).
+
+    Args:
+        au_dataset: ``"bp4d"`` (12 AUs) or ``"disfa"`` (8 AUs).
+        expression_dataset: ``"dfew"``, ``"ferv39k"`` (7 classes) or ``"mafw"`` (11 classes), or the
+            class count 7 / 11.
+
+    Returns:
+        ``(expression_texts [K], au_texts [M])``.
+
+    Examples::
+
+        >>> exp, au = release_descriptions("bp4d", "dfew")
+        >>> exp[2], au[-1]
+        ('neutral, no active AUs', 'lip presser')
+    """
+    au, k = _release_key(au_dataset, expression_dataset)
+    body = _RELEASE_EXPRESSION_BODY[(au, k)]
+    exp = [f"{n}, {body[n]}" for n in _RELEASE_EXPR_VOCABS[k]]
+    return exp, [_RELEASE_AU_TEXT[c] for c in _RELEASE_AU_VOCABS[au]]
 
 
 def expression_descriptions(
@@ -327,7 +482,9 @@ def expression_descriptions(
     style: str = "compound",
     restrict_to: Sequence[int | str] | None = None,
     *,
-    include_name: bool = False,
+    include_name: bool | None = None,
+    source: str = "table_s4",
+    release_table: tuple[str, str | int] | None = None,
 ) -> list[str]:
     """Text descriptions of expressions in one of the paper's three styles (Table VIII).
 
@@ -338,21 +495,36 @@ def expression_descriptions(
             ``"happiness"``.
         restrict_to: for ``"compound"`` only: keep just the phrases of AUs in this vocabulary (the
             AUs a dataset annotates). Neutral keeps its description. An expression with none of
-            its AUs in ``restrict_to`` raises (use another style for such a vocabulary).
+            its AUs in ``restrict_to`` raises (use another style for such a vocabulary). With
+            ``source="ssm_release"`` it only selects the AU dataset's table (BP4D or DISFA).
         include_name: prefix compound descriptions with the expression name (``"happiness,
-            cheek raiser, ..."``), as the released SSM code's prompts do.
+            cheek raiser, ..."``), as the released SSM code's prompts do. ``None``: no prefix for
+            ``"table_s4"``; the release strings always carry it (``False`` is then an error).
+        source: ``"table_s4"`` (the paper) or ``"ssm_release"`` — the exact strings of the released
+            code (:func:`release_descriptions`), compound style only.
+        release_table: for ``"ssm_release"``: ``(au_dataset, expression dataset or class count)``,
+            e.g. ``("bp4d", "dfew")``. By default the AU dataset is inferred from ``restrict_to``
+            (all BP4D AUs -> BP4D, all DISFA AUs -> DISFA) and the class count from the names (11
+            when any is outside the 7 classes; both AU datasets share the 11-class texts).
 
     Returns:
         One string per expression, in the given order.
 
     Raises:
-        ValueError: unknown style, duplicate entries, ``restrict_to`` with a non-compound style, or
-            an expression left without any AU by ``restrict_to``.
+        ValueError: unknown style or source, duplicate entries, ``restrict_to`` with a non-compound
+            style, an expression left without any AU by ``restrict_to``, or a release table that
+            cannot be inferred or does not cover the names.
         UnknownLabelError: unknown expression or AU.
     """
     names = check_vocabulary(expressions, "expression")
     if style not in DESCRIPTION_STYLES:
         raise ValueError(f"style must be one of {DESCRIPTION_STYLES}, got {style!r}")
+    if source == "ssm_release":
+        return _release_expression_descriptions(names, style, restrict_to, include_name, release_table)
+    if source != "table_s4":
+        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES}, got {source!r}")
+    if release_table is not None:
+        raise ValueError(f"release_table applies to source='ssm_release' only, got source={source!r}")
     if style == "words":
         if restrict_to is not None:
             raise ValueError("restrict_to applies to style='compound' only, got style='words'")
@@ -377,6 +549,53 @@ def expression_descriptions(
             text = ", ".join(phrases)
         out.append(f"{n}, {text}" if include_name else text)
     return out
+
+
+def _release_expression_descriptions(
+    names: tuple[str, ...],
+    style: str,
+    restrict_to: Sequence[int | str] | None,
+    include_name: bool | None,
+    release_table: tuple[str, str | int] | None,
+) -> list[str]:
+    if style != "compound":
+        raise ValueError(
+            f"source='ssm_release' has compound descriptions only (expected style='compound', got {style!r})"
+        )
+    if include_name is False:
+        raise ValueError("the released SSM descriptions always start with the expression name "
+                         "(expected include_name=None or True, got False)")
+    if release_table is None:
+        k = 7 if set(names) <= set(EXPRESSIONS_7) else 11
+        if k == 11:
+            au_ds = "bp4d"  # both AU datasets share the 11-class texts
+        else:
+            codes = set(check_vocabulary(restrict_to, "au")) if restrict_to is not None else None
+            if codes is not None and codes <= set(BP4D_AUS):
+                au_ds = "bp4d"
+            elif codes is not None and codes <= set(DISFA_AUS):
+                au_ds = "disfa"
+            else:
+                raise ValueError(
+                    "the released 7-class descriptions depend on the AU dataset: pass "
+                    "release_table=('bp4d'|'disfa', 'dfew'|'ferv39k'|'mafw') or restrict_to= the "
+                    f"BP4D or DISFA AUs (expected one of them, got restrict_to={restrict_to!r})"
+                )
+        key = (au_ds, k)
+    else:
+        if not isinstance(release_table, (tuple, list)) or len(release_table) != 2:
+            raise ValueError(
+                f"release_table must be (au_dataset, expression dataset or class count), got {release_table!r}"
+            )
+        key = _release_key(*release_table)
+    body = _RELEASE_EXPRESSION_BODY[key]
+    missing = [n for n in names if n not in body]
+    if missing:
+        raise ValueError(
+            f"release table {key} describes expressions {list(_RELEASE_EXPR_VOCABS[key[1]])} "
+            f"(expected names among them, got {missing})"
+        )
+    return [f"{n}, {body[n]}" for n in names]
 
 
 def release_prior_table(au_dataset: str, num_classes: int) -> torch.Tensor:

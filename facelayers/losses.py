@@ -8,6 +8,14 @@
 * :func:`joint_loss` -- ``L_exp / (1 + lam) + lam * L_au / (1 + lam)`` (eq. 14); either task may be
   missing in a step.
 
+Host syncs: the functions never read tensor values back to the host on an accelerator. Checks of
+shapes and dtypes always run; checks of *values* (class indices in range, targets in ``[0, 1]``,
+weights non-negative) are cheap and optional: ``check_values=None`` (default) runs them when the
+tensor is on the CPU (no synchronisation there) and skips them elsewhere; ``True`` always runs them
+(one host sync per call on a GPU), ``False`` never.
+
+An empty batch (``B = 0``, or no element at all) is an error: its mean would be NaN.
+
 Reduction note: eq. 8 sums over the ``M`` AUs and averages over the batch. ``au_loss(...,
 reduction="mean")`` averages over every counted (sample, AU) element, like
 :class:`torch.nn.BCEWithLogitsLoss` and the released code, i.e. eq. 8 divided by ``M``; pass
@@ -34,6 +42,7 @@ def expression_loss(
     weight: Tensor | None = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_values: bool | None = None,
 ) -> Tensor:
     """Softmax cross-entropy for single-label expression classification (paper eqs. 7 and 12).
 
@@ -46,9 +55,14 @@ def expression_loss(
             convention), so uniform weights give the unweighted loss.
         label_smoothing: in ``[0, 1)``; the target becomes ``(1 - eps) * onehot + eps / K``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]``).
+        check_values: check class indices and weights by value (see the module docstring).
 
     Returns:
         Scalar loss (or ``[B]`` for ``reduction="none"``).
+
+    Raises:
+        ValueError: bad shapes, an empty batch, or (when checked) out-of-range values.
+        TypeError: wrong dtypes.
 
     Examples::
 
@@ -56,41 +70,54 @@ def expression_loss(
         tensor(...)
     """
     if not isinstance(logits, Tensor) or logits.ndim != 2:
-        raise ValueError(f"logits must be a Tensor of shape [B, K], received {_desc(logits)}")
+        raise ValueError(f"logits have the wrong shape (expected a Tensor [B, K], got {_desc(logits)})")
     if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, received {logits.dtype}")
+        raise TypeError(f"logits must be floating point (expected a float dtype, got {logits.dtype})")
     b, k = logits.shape
+    if b == 0 or k == 0:
+        raise ValueError(
+            f"expression_loss needs a non-empty batch (expected logits [B >= 1, K >= 1], got shape {tuple(logits.shape)})"
+        )
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
+        raise ValueError(f"reduction is unknown (expected one of {_REDUCTIONS}, got {reduction!r})")
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), received {label_smoothing}")
+        raise ValueError(f"label_smoothing is out of range (expected a value in [0, 1), got {label_smoothing})")
     if not isinstance(target, Tensor):
         raise TypeError(
-            f"target must be a Tensor [B]={[b]} (indices) or [B, K]={[b, k]}, received {type(target).__name__}"
+            f"target must be a Tensor (expected [B]={[b]} indices or [B, K]={[b, k]} probabilities, "
+            f"got {type(target).__name__})"
         )
     if target.ndim == 1:
         if target.shape[0] != b:
-            raise ValueError(f"target must have shape [B]=[{b}], received {tuple(target.shape)}")
+            raise ValueError(f"target has the wrong shape (expected [B]=[{b}], got {tuple(target.shape)})")
         if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"class-index target must be an integer tensor, received {target.dtype}")
-        if b and (int(target.min()) < 0 or int(target.max()) >= k):
-            raise ValueError(
-                f"target class indices must be in [0, {k}) for K={k} logits, "
-                f"received values in [{int(target.min())}, {int(target.max())}]"
-            )
+            raise TypeError(f"class-index target must be an integer tensor (expected an integer dtype, got {target.dtype})")
+        if _check_values(check_values, target):
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(
+                    f"target class indices are out of range for K={k} logits "
+                    f"(expected values in [0, {k}), got values in [{lo}, {hi}])"
+                )
         target = target.long()
     elif target.ndim == 2:
         if tuple(target.shape) != (b, k):
-            raise ValueError(f"probability target must have shape [B, K]=[{b}, {k}], received {tuple(target.shape)}")
+            raise ValueError(
+                f"probability target has the wrong shape (expected [B, K]=[{b}, {k}], got {tuple(target.shape)})"
+            )
         if not target.is_floating_point():
-            raise TypeError(f"[B, K] target must hold probabilities (floating point), received {target.dtype}")
+            raise TypeError(
+                f"[B, K] target must hold probabilities (expected a float dtype, got {target.dtype})"
+            )
     else:
-        raise ValueError(f"target must have shape [B]=[{b}] or [B, K]=[{b}, {k}], received {tuple(target.shape)}")
+        raise ValueError(
+            f"target has the wrong shape (expected [B]=[{b}] or [B, K]=[{b}, {k}], got {tuple(target.shape)})"
+        )
     if weight is not None:
         if not isinstance(weight, Tensor) or tuple(weight.shape) != (k,):
-            raise ValueError(f"weight must be a Tensor of shape [K]=[{k}], received {_desc(weight)}")
-        if bool((weight < 0).any()):
-            raise ValueError("weight must be non-negative")
+            raise ValueError(f"weight has the wrong shape (expected a Tensor [K]=[{k}], got {_desc(weight)})")
+        if _check_values(check_values, weight) and (weight < 0).any():
+            raise ValueError(f"weight must be non-negative (expected values >= 0, got min {float(weight.min())})")
         weight = weight.to(device=logits.device, dtype=logits.dtype)
     return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction)
 
@@ -102,6 +129,7 @@ def au_loss(
     pos_weight: Tensor | None = None,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    check_values: bool | None = None,
 ) -> Tensor:
     """Binary cross-entropy with logits for multi-label AU detection (paper eqs. 8 and 13).
 
@@ -116,9 +144,15 @@ def au_loss(
         reduction: ``"mean"`` -- mean over counted elements (zero, still attached to the graph,
             when nothing counts); ``"sum"``; ``"none"`` -- elementwise ``[..., M]`` with zeros at
             masked-out elements.
+        check_values: check targets, ``pos_weight`` and an integer ``mask`` by value (see the module
+            docstring).
 
     Returns:
         Scalar loss (or ``[..., M]`` for ``reduction="none"``).
+
+    Raises:
+        ValueError: bad shapes, an empty batch, or (when checked) out-of-range values.
+        TypeError: wrong dtypes.
 
     Examples::
 
@@ -128,24 +162,32 @@ def au_loss(
         tensor(...)
     """
     if not isinstance(logits, Tensor) or logits.ndim < 1:
-        raise ValueError(f"logits must be a Tensor of shape [..., M], received {_desc(logits)}")
+        raise ValueError(f"logits have the wrong shape (expected a Tensor [..., M], got {_desc(logits)})")
     if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, received {logits.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
-    if not isinstance(target, Tensor) or target.shape != logits.shape:
-        raise ValueError(f"target must have the logits' shape {tuple(logits.shape)}, received {_desc(target)}")
-    target = target.to(logits.dtype)
-    if target.numel() and bool(((target < 0) | (target > 1)).any()):
+        raise TypeError(f"logits must be floating point (expected a float dtype, got {logits.dtype})")
+    if logits.numel() == 0:
         raise ValueError(
-            f"target values must be in [0, 1], received values in [{float(target.min())}, {float(target.max())}]"
+            f"au_loss needs a non-empty batch (expected logits [..., M] with at least one element, "
+            f"got shape {tuple(logits.shape)})"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction is unknown (expected one of {_REDUCTIONS}, got {reduction!r})")
+    if not isinstance(target, Tensor) or target.shape != logits.shape:
+        raise ValueError(f"target has the wrong shape (expected the logits' shape {tuple(logits.shape)}, got {_desc(target)})")
+    target = target.to(logits.dtype)
+    if _check_values(check_values, target) and ((target < 0) | (target > 1)).any():
+        raise ValueError(
+            f"target values are out of range (expected values in [0, 1], "
+            f"got values in [{float(target.min())}, {float(target.max())}])"
         )
     m = logits.shape[-1]
     if pos_weight is not None:
         if not isinstance(pos_weight, Tensor) or tuple(pos_weight.shape) != (m,):
-            raise ValueError(f"pos_weight must be a Tensor of shape [M]=[{m}], received {_desc(pos_weight)}")
-        if bool((pos_weight <= 0).any()) or not bool(torch.isfinite(pos_weight).all()):
-            raise ValueError("pos_weight must be finite and > 0")
+            raise ValueError(f"pos_weight has the wrong shape (expected a Tensor [M]=[{m}], got {_desc(pos_weight)})")
+        if _check_values(check_values, pos_weight) and ((pos_weight <= 0).any() or not torch.isfinite(pos_weight).all()):
+            raise ValueError(
+                f"pos_weight must be finite and > 0 (expected finite values > 0, got {pos_weight.tolist()})"
+            )
         pos_weight = pos_weight.to(device=logits.device, dtype=logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
     if mask is None:
@@ -154,12 +196,17 @@ def au_loss(
         return loss.sum() if reduction == "sum" else loss.mean()
     if not isinstance(mask, Tensor) or mask.ndim > logits.ndim or tuple(mask.shape) != tuple(logits.shape[: mask.ndim]):
         raise ValueError(
-            f"mask must have a leading part of the logits' shape {tuple(logits.shape)} "
-            f"(e.g. [B], [B, T] or the full shape), received {_desc(mask)}"
+            f"mask must have a leading part of the logits' shape (expected e.g. [B], [B, T] or the full "
+            f"shape of {tuple(logits.shape)}, got {_desc(mask)})"
         )
     if mask.dtype != torch.bool:
-        if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
-            raise TypeError(f"mask must be bool or integer 0/1 (True = counts), received {mask.dtype}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"mask must be bool or integer 0/1, True = counts (expected torch.bool, got {mask.dtype})")
+        if _check_values(check_values, mask) and ((mask != 0) & (mask != 1)).any():
+            raise ValueError(
+                f"an integer mask must hold only 0 and 1 (expected values in {{0, 1}}, "
+                f"got values in [{int(mask.min())}, {int(mask.max())}])"
+            )
         mask = mask.bool()
     full = mask.reshape(tuple(mask.shape) + (1,) * (logits.ndim - mask.ndim)).expand_as(loss)
     # where (not multiply): a masked element may hold inf/nan logits without poisoning the result.
@@ -208,18 +255,25 @@ def joint_loss(
     """
     lam = float(lam)
     if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, received {lam}")
+        raise ValueError(f"lam is out of range (expected a finite number >= 0, got {lam})")
     if l_exp is None and l_au is None:
-        raise ValueError("joint_loss needs at least one of l_exp, l_au; received None for both")
+        raise ValueError("joint_loss needs at least one of l_exp, l_au (expected a Tensor, got None for both)")
     for name, val in (("l_exp", l_exp), ("l_au", l_au)):
         if val is not None and (not isinstance(val, Tensor) or val.ndim != 0):
-            raise ValueError(f"{name} must be a scalar (0-d) Tensor or None, received {_desc(val)}")
+            raise ValueError(f"{name} must be a scalar (expected a 0-d Tensor or None, got {_desc(val)})")
     w_exp, w_au = 1.0 / (1.0 + lam), lam / (1.0 + lam)
     if l_au is None:
         return l_exp if renormalize_missing else l_exp * w_exp
     if l_exp is None:
         return l_au if renormalize_missing else l_au * w_au
     return l_exp * w_exp + l_au * w_au
+
+
+def _check_values(flag: bool | None, t: Tensor) -> bool:
+    """Run a value check? ``None``: only where it costs no host sync (CPU tensors)."""
+    if flag is None:
+        return t.device.type == "cpu"
+    return bool(flag)
 
 
 def _desc(x: object) -> str:

@@ -61,40 +61,40 @@ def _desc(x: object) -> str:
 def _check_probs(probs: Tensor, name: str = "probs", min_dims: int = 2) -> None:
     if not isinstance(probs, Tensor) or probs.ndim < min_dims:
         shape = "[N, M]" if min_dims == 2 else "[..., M]"
-        raise ValueError(f"{name} must be a Tensor of shape {shape}, received {_desc(probs)}")
+        raise ValueError(f"{name} has the wrong shape (expected a Tensor {shape}, got {_desc(probs)})")
     if not probs.is_floating_point():
-        raise TypeError(f"{name} must be floating point probabilities, received {probs.dtype}")
+        raise TypeError(f"{name} must be floating point probabilities (expected a float dtype, got {probs.dtype})")
     if probs.numel():
         if not bool(torch.isfinite(probs).all()):
-            raise ValueError(f"{name} must be finite, received NaN or inf values")
+            raise ValueError(f"{name} must be finite (expected finite probabilities, got NaN or inf values)")
         lo, hi = float(probs.min()), float(probs.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
-                f"{name} must be probabilities in [0, 1] (apply torch.sigmoid to logits), "
-                f"received values in [{lo:.6g}, {hi:.6g}]"
+                f"{name} must be probabilities; apply torch.sigmoid to logits "
+                f"(expected values in [0, 1], got values in [{lo:.6g}, {hi:.6g}])"
             )
 
 
 def _binary_target(target: Tensor, shape: torch.Size, name: str = "target") -> Tensor:
     if not isinstance(target, Tensor) or target.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)} (same as probs), received {_desc(target)}")
+        raise ValueError(f"{name} has the wrong shape (expected the shape of probs {tuple(shape)}, got {_desc(target)})")
     if target.dtype == torch.bool:
         return target
     if target.numel() and bool(((target != 0) & (target != 1)).any()):
-        raise ValueError(f"{name} must contain only 0 and 1, received other values")
+        raise ValueError(f"{name} must contain only 0 and 1 (expected binary labels, got other values)")
     return target != 0
 
 
 def _check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], received {threshold}")
+        raise ValueError(f"threshold is out of range (expected a value in [0, 1], got {threshold})")
     return threshold
 
 
 def _check_num_classes(num_classes: int) -> int:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, received {num_classes!r}")
+        raise ValueError(f"num_classes must be a positive int (expected an int >= 1, got {num_classes!r})")
     return num_classes
 
 
@@ -102,30 +102,30 @@ def _class_pred(pred: Tensor, num_classes: int | None, name: str = "pred") -> Te
     """``[N]`` indices or ``[N, K]`` logits/probabilities -> ``[N]`` long indices."""
     if not isinstance(pred, Tensor):
         raise TypeError(
-            f"{name} must be a Tensor [N] (class indices) or [N, K] (logits), received {type(pred).__name__}"
+            f"{name} must be a Tensor (expected [N] class indices or [N, K] logits, got {type(pred).__name__})"
         )
     if pred.ndim == 2:
         if not pred.is_floating_point():
-            raise TypeError(f"[N, K] {name} must be floating point scores, received {pred.dtype}")
+            raise TypeError(f"[N, K] {name} must be floating point scores (expected a float dtype, got {pred.dtype})")
         if num_classes is not None and pred.shape[1] != num_classes:
-            raise ValueError(f"{name} scores must have shape [N, K={num_classes}], received {tuple(pred.shape)}")
+            raise ValueError(f"{name} scores have the wrong shape (expected [N, K={num_classes}], got {tuple(pred.shape)})")
         return pred.argmax(dim=1)
     if pred.ndim == 1:
         if pred.is_floating_point() or pred.dtype == torch.bool or pred.is_complex():
-            raise TypeError(f"[N] {name} must hold integer class indices, received {pred.dtype}")
+            raise TypeError(f"[N] {name} must hold integer class indices (expected an integer dtype, got {pred.dtype})")
         pred = pred.long()
         if num_classes is not None and pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
             raise ValueError(
-                f"{name} class indices must be in [0, {num_classes}), "
-                f"received values in [{int(pred.min())}, {int(pred.max())}]"
+                f"{name} class indices are out of range "
+                f"(expected values in [0, {num_classes}), got values in [{int(pred.min())}, {int(pred.max())}])"
             )
         return pred
-    raise ValueError(f"{name} must have shape [N] (class indices) or [N, K] (scores), received {tuple(pred.shape)}")
+    raise ValueError(f"{name} has the wrong shape (expected [N] class indices or [N, K] scores, got {tuple(pred.shape)})")
 
 
 def _class_target(target: Tensor, n: int, num_classes: int | None) -> Tensor:
     if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] != n:
-        raise ValueError(f"target must be a Tensor of class indices with shape [N]=[{n}], received {_desc(target)}")
+        raise ValueError(f"target has the wrong shape (expected a Tensor of class indices [N]=[{n}], got {_desc(target)})")
     return _class_pred(target, num_classes, name="target")
 
 
@@ -174,6 +174,9 @@ def au_f1(
         ``{"per_au": float64 Tensor[M] (CPU), "mean": float}``; ``mean`` is NaN if every AU is
         undefined.
 
+    Raises:
+        ValueError: no frame (``N = 0``; as :func:`uar` / :func:`war`), bad shapes or values.
+
     Examples::
 
         >>> au_f1(torch.tensor([[0.9, 0.2], [0.4, 0.1]]), torch.tensor([[1, 0], [1, 0]]))["per_au"]
@@ -181,6 +184,8 @@ def au_f1(
     """
     _check_probs(probs)
     tgt = _binary_target(target, probs.shape)
+    if probs.shape[0] == 0:
+        raise ValueError(f"au_f1 needs at least one frame (expected N >= 1, got shape {tuple(probs.shape)})")
     tp, fp, fn = _au_counts(probs, tgt, _check_threshold(threshold))
     per_au = _f1_from_counts(tp, fp, fn, zero_division).cpu()
     return {"per_au": per_au, "mean": _nanmean(per_au)}
@@ -226,7 +231,7 @@ def _segment_bounds(segment_ids: Tensor | None, n: int, device: torch.device) ->
     if segment_ids is None:
         return torch.zeros(n, dtype=torch.long, device=device), torch.full((n,), n - 1, dtype=torch.long, device=device)
     if not isinstance(segment_ids, Tensor) or segment_ids.shape != (n,) or segment_ids.is_floating_point():
-        raise ValueError(f"segment_ids must be an integer Tensor of shape [N]=[{n}], received {_desc(segment_ids)}")
+        raise ValueError(f"segment_ids has the wrong shape or dtype (expected an integer Tensor [N]=[{n}], got {_desc(segment_ids)})")
     seg = segment_ids.to(device)
     change = torch.ones(n, dtype=torch.bool, device=device)
     change[1:] = seg[1:] != seg[:-1]
@@ -234,8 +239,8 @@ def _segment_bounds(segment_ids: Tensor | None, n: int, device: torch.device) ->
     run_ids = seg[change]
     if torch.unique(run_ids).numel() != run_ids.numel():
         raise ValueError(
-            "segment_ids must list each segment's frames as one consecutive run of rows in temporal order; "
-            "some segment id appears in two separate runs"
+            "segment_ids must list each segment's frames as one consecutive run of rows in temporal order "
+            "(expected one run per segment id, got a segment id in two separate runs)"
         )
     starts = torch.nonzero(change).flatten()
     ends = torch.cat([starts[1:] - 1, torch.tensor([n - 1], device=device)])
@@ -293,16 +298,19 @@ def tuned_au_f1(
     tgt = _binary_target(target, probs.shape)
     n, m = probs.shape
     if n == 0:
-        raise ValueError("probs must hold at least one frame, received N=0")
+        raise ValueError(f"probs must hold at least one frame (expected N >= 1, got shape {tuple(probs.shape)})")
     ths = [i / 100 for i in range(1, 100)] if thresholds is None else [_check_threshold(t) for t in thresholds]
     ks = sorted({int(k) for k in vote_windows})
     ps = [float(p) for p in vote_fractions]
     if not ths or not ks or not ps:
-        raise ValueError("thresholds, vote_windows and vote_fractions must be non-empty")
+        raise ValueError(
+            "thresholds, vote_windows and vote_fractions must be non-empty "
+            f"(expected at least one candidate each, got {len(ths)}, {len(ks)}, {len(ps)})"
+        )
     if ks[0] < 0:
-        raise ValueError(f"vote_windows must be half-widths K >= 0, received {list(vote_windows)}")
+        raise ValueError(f"vote_windows must be half-widths (expected K >= 0, got {list(vote_windows)})")
     if any(not 0.0 < p <= 1.0 for p in ps):
-        raise ValueError(f"vote_fractions must be in (0, 1], received {ps}")
+        raise ValueError(f"vote_fractions are out of range (expected values in (0, 1], got {ps})")
     # preference order used for tie-breaking
     ths = sorted(set(ths), key=lambda t: (abs(t - 0.5), t))
     ps = sorted(set(ps), key=lambda p: (abs(p - 0.5), p))
@@ -420,7 +428,7 @@ def uar(pred: Tensor, target: Tensor, num_classes: int) -> float:
     """
     rec = per_class_recall(pred, target, num_classes)
     if bool(torch.isnan(rec).all()):
-        raise ValueError("uar needs at least one sample, received N=0")
+        raise ValueError("uar needs at least one sample (expected N >= 1, got N=0)")
     return _nanmean(rec)
 
 
@@ -437,7 +445,7 @@ def war(pred: Tensor, target: Tensor) -> float:
     p = _class_pred(pred, None)
     t = _class_target(target, p.shape[0], None).to(p.device)
     if p.numel() == 0:
-        raise ValueError("war needs at least one sample, received N=0")
+        raise ValueError("war needs at least one sample (expected N >= 1, got N=0)")
     return float((p == t).double().mean())
 
 
@@ -512,7 +520,7 @@ class AUMeter:
         process_group: object | None = None,
     ) -> None:
         if not isinstance(num_aus, int) or isinstance(num_aus, bool) or num_aus < 1:
-            raise ValueError(f"num_aus must be a positive int, received {num_aus!r}")
+            raise ValueError(f"num_aus must be a positive int (expected an int >= 1, got {num_aus!r})")
         self.num_aus = num_aus
         self.threshold = _check_threshold(threshold)
         self.store_scores = bool(store_scores)
@@ -541,14 +549,14 @@ class AUMeter:
         """
         _check_probs(probs, min_dims=1)
         if probs.shape[-1] != self.num_aus:
-            raise ValueError(f"probs must have shape [..., M={self.num_aus}], received {tuple(probs.shape)}")
+            raise ValueError(f"probs have the wrong shape (expected [..., M={self.num_aus}], got {tuple(probs.shape)})")
         tgt = _binary_target(target, probs.shape)
         p2, t2 = probs.detach().reshape(-1, self.num_aus), tgt.reshape(-1, self.num_aus)
         if mask is not None:
             lead = tuple(probs.shape[:-1])
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead[: mask.ndim]:
                 raise ValueError(
-                    f"mask must be a bool Tensor with a leading part of shape {lead}, received {_desc(mask)}"
+                    f"mask has the wrong shape or dtype (expected a bool Tensor of shape {lead}, got {_desc(mask)})"
                 )
             keep = mask.reshape(tuple(mask.shape) + (1,) * (len(lead) - mask.ndim)).expand(lead).reshape(-1)
             keep = keep.to(p2.device)
@@ -587,7 +595,7 @@ class AUMeter:
                 probs = _all_gather_rows(probs, g)
                 targets = _all_gather_rows(targets.to(torch.uint8), g).bool()
         if int(n) == 0:
-            raise ValueError("AUMeter.compute() called before any sample was added with update()")
+            raise ValueError("AUMeter.compute() called before any sample was added with update() (expected >= 1 sample, got 0)")
         f1 = _f1_from_counts(tp, fp, fn, self.zero_division).cpu()
         out: dict[str, object] = {"f1": _nanmean(f1), "f1_per_au": f1, "auc": None, "auc_per_au": None}
         if probs is not None:
@@ -642,7 +650,7 @@ class ExpressionMeter:
         cm = cm.cpu()
         n = int(cm.sum())
         if n == 0:
-            raise ValueError("ExpressionMeter.compute() called before any sample was added with update()")
+            raise ValueError("ExpressionMeter.compute() called before any sample was added with update() (expected >= 1 sample, got 0)")
         rec = _recall_from_cm(cm)
         return {
             "uar": _nanmean(rec),

@@ -9,6 +9,10 @@ SSM classifies both tasks against text features of FACS descriptions (paper Sec.
 * :class:`PromptLearner` -- CoOp (paper eq. 10, eqs. 17-18): ``c`` learnable context vectors are
   inserted around each fixed description and the result is encoded by the tower, giving
   L2-normalised features ``[K, D]``. Only the context vectors train.
+* :class:`StoredPromptLearner` -- the released SSM code's prompt learners: prompts stored as embedded
+  ``token_prefix`` / ``token_suffix`` buffers beside the context (its checkpoints have no token
+  embedding); built with :meth:`PromptLearner.from_embeddings` or
+  :meth:`StoredPromptLearner.from_descriptions`, its features equal the release's.
 * :class:`TextPrototypes` -- the Textual Semantic Prototype module (TSP, Sec. III-C): one prompt
   learner for the ``K`` expression descriptions and one for the ``M`` AU descriptions, built from
   :mod:`facelayers.facs` and sharing one tower; ``forward() -> (T_exp [K, D], T_au [M, D])``.
@@ -41,7 +45,7 @@ from torch import Tensor, nn
 
 from . import facs
 
-__all__ = ["CLIPTextTower", "PromptLearner", "TextPrototypes", "PROMPT_POSITIONS"]
+__all__ = ["CLIPTextTower", "PromptLearner", "StoredPromptLearner", "TextPrototypes", "PROMPT_POSITIONS"]
 
 #: Where the fixed description sits relative to the context vectors (CoOp's ``class_token_position``).
 PROMPT_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
@@ -337,7 +341,91 @@ class CLIPTextTower(nn.Module):
         )
 
 
-class PromptLearner(nn.Module):
+class _PromptLearnerBase(nn.Module):
+    """What every prompt learner shares: the tower, the context, encoding and the eval-mode cache.
+
+    Subclasses provide :meth:`prompt_embeddings` (``[K, L, W]``), :meth:`pool_index` (``[K]``),
+    :attr:`num_classes` and ``reset_parameters``.
+    """
+
+    def __init__(self, tower: CLIPTextTower, *, n_ctx: int, class_specific: bool, position: str,
+                 cache_in_eval: bool) -> None:
+        super().__init__()
+        if position not in PROMPT_POSITIONS:
+            raise ValueError(f"position must be one of {PROMPT_POSITIONS}, got {position!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        self.tower = tower
+        self.n_ctx = n_ctx
+        self.class_specific = bool(class_specific)
+        self.position = position
+        self.cache_in_eval = bool(cache_in_eval)
+        self._cache: tuple[tuple, Tensor] | None = None
+        self.encode_calls = 0  # number of tower encodes run so far (for diagnostics and tests)
+
+    @property
+    def num_classes(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        """``D``."""
+        return self.tower.output_dim
+
+    def prompt_embeddings(self) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def pool_index(self) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _encode(self) -> Tensor:
+        self.encode_calls += 1
+        x = self.prompt_embeddings()
+        feats = self.tower.encode(x, self.pool_index())
+        return F.normalize(feats, dim=-1)
+
+    def _cache_key(self) -> tuple | None:
+        try:
+            key = [(t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                   for t in (*self.parameters(), *self.buffers())]
+        except RuntimeError:  # inference tensors have no version counter: never cache them
+            return None
+        dev = self.ctx.device.type
+        try:
+            autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        except (RuntimeError, TypeError, AttributeError):
+            autocast = None
+        return (tuple(key), torch.is_inference_mode_enabled(), autocast)
+
+    def forward(self) -> Tensor:
+        """L2-normalised text features ``[K, D]``.
+
+        In training mode (or with ``cache_in_eval=False``) the prompts are encoded at every call and
+        gradients flow to ``ctx``. In eval mode the features are encoded once and the cached,
+        detached tensor is returned until ``train()`` or a change of any parameter or buffer.
+        """
+        if self.training or not self.cache_in_eval:
+            self._cache = None
+            return self._encode()
+        key = self._cache_key()
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            feats = self._encode()
+        if key is not None:
+            self._cache = (key, feats)
+        return feats
+
+    def train(self, mode: bool = True) -> _PromptLearnerBase:
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> _PromptLearnerBase:
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class PromptLearner(_PromptLearnerBase):
     """CoOp prompt learner over fixed descriptions (paper eq. 10 and eqs. 17-18).
 
     Each description ``d_k`` becomes ``[SOT, p_1, ..., p_c, d_k, EOT]`` (``position="end"``, the
@@ -368,7 +456,9 @@ class PromptLearner(nn.Module):
     Raises:
         ValueError: a description does not fit the context length with ``n_ctx`` context tokens
             (the message names it and the lengths; nothing is truncated), bad ``position``,
-            negative ``n_ctx``, ``ctx_init`` of the wrong length, or no descriptions.
+            negative ``n_ctx``, ``ctx_init`` of the wrong length, no descriptions, or an empty /
+            whitespace-only description (``expected a non-empty description, got ''``).
+        TypeError: ``descriptions`` is a single string or holds a non-string.
     """
 
     def __init__(
@@ -384,25 +474,11 @@ class PromptLearner(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if isinstance(descriptions, str):
-            raise TypeError(f"descriptions must be a sequence of strings, got the string {descriptions!r}")
-        descriptions = list(descriptions)
-        if not descriptions:
-            raise ValueError("descriptions is empty; need at least one")
-        if not all(isinstance(d, str) for d in descriptions):
-            raise TypeError(f"descriptions must all be strings, got {[type(d).__name__ for d in descriptions]}")
-        if position not in PROMPT_POSITIONS:
-            raise ValueError(f"position must be one of {PROMPT_POSITIONS}, got {position!r}")
-        if not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
-        self.tower = tower
+        super().__init__(tower, n_ctx=n_ctx, class_specific=class_specific, position=position,
+                         cache_in_eval=cache_in_eval)
+        descriptions = list(facs.check_descriptions(descriptions))
         self.descriptions = tuple(descriptions)
-        self.n_ctx = n_ctx
         self.ctx_init = ctx_init
-        self.class_specific = bool(class_specific)
-        self.position = position
-        self.cache_in_eval = bool(cache_in_eval)
 
         tok = tower.tokenizer
         length = tower.context_length
@@ -451,19 +527,29 @@ class PromptLearner(nn.Module):
                              persistent=False)
         self.register_buffer("ctx_slots", torch.empty(len(descriptions), length, dtype=torch.long, device=buf_device),
                              persistent=False)
-        self._cache: tuple[tuple, Tensor] | None = None
-        self.encode_calls = 0  # number of tower encodes run so far (for diagnostics and tests)
         self.reset_parameters()
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        tower: CLIPTextTower,
+        prefix: Tensor,
+        suffix: Tensor,
+        ctx: Tensor,
+        eot_index: Tensor | Sequence[int],
+        **kwargs: Any,
+    ) -> StoredPromptLearner:
+        """A learner over stored prompt embeddings (the released SSM's prompt learners).
+
+        Shorthand for :class:`StoredPromptLearner` ``(tower, prefix, suffix, ctx, eot_index,
+        **kwargs)``; see there for the arguments.
+        """
+        return StoredPromptLearner(tower, prefix, suffix, ctx, eot_index, **kwargs)
 
     @property
     def num_classes(self) -> int:
         """``K``, the number of descriptions."""
         return len(self.descriptions)
-
-    @property
-    def output_dim(self) -> int:
-        """``D``."""
-        return self.tower.output_dim
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -497,51 +583,9 @@ class PromptLearner(nn.Module):
         idx = slots.clamp_min(0).unsqueeze(-1).expand(-1, -1, emb.shape[-1])
         return torch.where(is_ctx.unsqueeze(-1), ctx.gather(1, idx), emb)
 
-    def _encode(self) -> Tensor:
-        self.encode_calls += 1
-        x = self.prompt_embeddings()
-        feats = self.tower.encode(x, self.tower.pool_index(self.token_ids))
-        return F.normalize(feats, dim=-1)
-
-    def _cache_key(self) -> tuple | None:
-        try:
-            key = [(t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-                   for t in (*self.parameters(), *self.buffers())]
-        except RuntimeError:  # inference tensors have no version counter: never cache them
-            return None
-        dev = self.ctx.device.type
-        try:
-            autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        except (RuntimeError, TypeError, AttributeError):
-            autocast = None
-        return (tuple(key), torch.is_inference_mode_enabled(), autocast)
-
-    def forward(self) -> Tensor:
-        """L2-normalised text features ``[K, D]``.
-
-        In training mode (or with ``cache_in_eval=False``) the prompts are encoded at every call and
-        gradients flow to ``ctx``. In eval mode the features are encoded once and the cached,
-        detached tensor is returned until ``train()`` or a change of any parameter or buffer.
-        """
-        if self.training or not self.cache_in_eval:
-            self._cache = None
-            return self._encode()
-        key = self._cache_key()
-        if key is not None and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        with torch.no_grad():
-            feats = self._encode()
-        if key is not None:
-            self._cache = (key, feats)
-        return feats
-
-    def train(self, mode: bool = True) -> PromptLearner:
-        self._cache = None
-        return super().train(mode)
-
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> PromptLearner:
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
+    def pool_index(self) -> Tensor:
+        """Position ``[K]`` of each prompt's end-of-text token (the pooled position)."""
+        return self.tower.pool_index(self.token_ids)
 
     def extra_repr(self) -> str:
         return (
@@ -551,12 +595,287 @@ class PromptLearner(nn.Module):
         )
 
 
+
+class StoredPromptLearner(PromptLearner):
+    """CoOp prompt learner over *stored* prompt embeddings (the released SSM's prompt learners).
+
+    The released SSM code keeps no token ids in its checkpoints: each prompt learner stores its
+    fixed prompt tokens already embedded, as a start-of-text ``token_prefix [K, 1, W]`` and a
+    ``token_suffix [K, L-1-c, W]`` (the description tokens, end-of-text and padding), beside the
+    learnable context ``ctx`` (released code, ``ssm/models/prompting.py``). This learner assembles
+    the prompt exactly as the release does and encodes it through ``tower`` with end-of-text
+    pooling at ``eot_index``, so its features equal the release's text features (normalised):
+
+    * ``"end"``: ``[prefix, ctx_1..c, suffix]``;
+    * ``"front"``: ``[prefix, suffix[:n_k], ctx_1..c, suffix[n_k:]]``;
+    * ``"middle"``: ``[prefix, ctx_1..c/2, suffix[:n_k], ctx_{c/2+1}..c, suffix[n_k:]]``,
+
+    where ``n_k = eot_index[k] - 1 - c`` is the length of description ``k`` in tokens (the release
+    pools at ``argmax`` of the token ids of ``"X X ... X <description>"``, i.e. at ``1 + c + n_k``
+    in every layout).
+
+    Buffer and parameter names are the release's (``token_prefix``, ``token_suffix``, ``ctx``), so a
+    released prompt learner's state dict loads as it is; ``eot_index`` is not saved (the release
+    keeps its token ids outside the state dict): give it at construction, or build the learner
+    with :meth:`from_descriptions`, which computes it from the texts. The tower's token embedding
+    is never used by this learner (the release checkpoints do not contain one).
+
+    Args:
+        tower: the frozen text encoder.
+        prefix: ``[K, 1, W]`` embedded start-of-text tokens.
+        suffix: ``[K, S, W]`` embedded description + end-of-text + padding tokens, with
+            ``1 + c + S <= tower.context_length`` (the release: ``S = L - 1 - c``).
+        ctx: initial context ``[K, c, W]`` (class-specific) or ``[c, W]`` (shared); copied into the
+            ``ctx`` parameter.
+        eot_index: ``[K]`` end-of-text positions in the assembled prompt, each in ``[1 + c,
+            1 + c + S)``.
+        descriptions: the ``K`` texts the embeddings belong to (informative; checked non-empty).
+        position: ``"end"`` | ``"middle"`` | ``"front"`` (the release's ``class_token_position``).
+        cache_in_eval: see :class:`PromptLearner`.
+        device: device of the parameter and buffers (default: ``prefix``'s).
+        dtype: dtype of the parameter and buffers (default: ``prefix``'s).
+
+    Raises:
+        ValueError: shapes that do not fit together or the tower (the message names the tensor,
+            the expected and the given shape), ``eot_index`` out of range, bad ``position``.
+
+    Examples::
+
+        >>> learner = PromptLearner.from_embeddings(tower, prefix, suffix, ctx, eot_index)
+        >>> learner().shape      # [K, D], L2-normalised
+    """
+
+    def __init__(
+        self,
+        tower: CLIPTextTower,
+        prefix: Tensor,
+        suffix: Tensor,
+        ctx: Tensor,
+        eot_index: Tensor | Sequence[int],
+        *,
+        descriptions: Sequence[str] | None = None,
+        position: str = "end",
+        cache_in_eval: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        width = tower.width
+        for name, t in (("prefix", prefix), ("suffix", suffix), ("ctx", ctx)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor (expected Tensor, got {type(t).__name__})")
+        if prefix.ndim != 3 or prefix.shape[1] != 1 or prefix.shape[2] != width:
+            raise ValueError(f"prefix must be [K, 1, W={width}] (expected that shape, got {tuple(prefix.shape)})")
+        k = int(prefix.shape[0])
+        if k < 1:
+            raise ValueError(f"prefix must hold at least one prompt (expected K >= 1, got {tuple(prefix.shape)})")
+        if suffix.ndim != 3 or suffix.shape[0] != k or suffix.shape[2] != width:
+            raise ValueError(f"suffix must be [K={k}, S, W={width}] (expected that shape, got {tuple(suffix.shape)})")
+        if ctx.ndim == 3:
+            class_specific = True
+            if ctx.shape[0] != k or ctx.shape[2] != width:
+                raise ValueError(
+                    f"ctx must be [K={k}, n_ctx, W={width}] or [n_ctx, W={width}] (expected one of them, "
+                    f"got {tuple(ctx.shape)})"
+                )
+        elif ctx.ndim == 2:
+            class_specific = False
+            if ctx.shape[1] != width:
+                raise ValueError(
+                    f"ctx must be [K={k}, n_ctx, W={width}] or [n_ctx, W={width}] (expected one of them, "
+                    f"got {tuple(ctx.shape)})"
+                )
+        else:
+            raise ValueError(
+                f"ctx must be [K={k}, n_ctx, W={width}] or [n_ctx, W={width}] (expected one of them, "
+                f"got {tuple(ctx.shape)})"
+            )
+        n_ctx = int(ctx.shape[-2])
+        length = 1 + n_ctx + int(suffix.shape[1])
+        if length > tower.context_length:
+            raise ValueError(
+                f"prefix + ctx + suffix give {length} positions but the tower's context length is "
+                f"{tower.context_length} (expected 1 + n_ctx + S <= {tower.context_length}, got 1 + "
+                f"{n_ctx} + {suffix.shape[1]})"
+            )
+        super(PromptLearner, self).__init__(tower, n_ctx=n_ctx, class_specific=class_specific,
+                                            position=position, cache_in_eval=cache_in_eval)
+        self.descriptions = None if descriptions is None else facs.check_descriptions(descriptions)
+        if self.descriptions is not None and len(self.descriptions) != k:
+            raise ValueError(f"expected {k} descriptions (one per prompt), got {len(self.descriptions)}")
+        self.ctx_init = None
+        if isinstance(eot_index, Tensor) and eot_index.device.type == "meta":
+            raise ValueError(
+                "eot_index must hold real positions (expected a CPU or GPU tensor or a list, got a meta tensor)"
+            )
+        eot = torch.as_tensor(eot_index, device="cpu").detach()
+        if eot.dtype not in (torch.int32, torch.int64) or eot.shape != (k,):
+            raise ValueError(
+                f"eot_index must be an integer tensor of shape [K]=[{k}] (expected that, got "
+                f"{eot.dtype} {tuple(eot.shape)})"
+            )
+        eot = eot.long()
+        bad = [(i, int(e)) for i, e in enumerate(eot.tolist()) if not 1 + n_ctx <= e < length]
+        if bad:
+            raise ValueError(
+                f"eot_index must lie in [1 + n_ctx, 1 + n_ctx + S) = [{1 + n_ctx}, {length}) "
+                f"(expected positions after the context, got (prompt, index) {bad})"
+            )
+        self._eot_cpu = eot
+        self._layout_cpu = self._layout(eot, n_ctx, length, position)
+        self._identity_layout = bool(torch.equal(self._layout_cpu, torch.arange(length, device="cpu").expand(k, -1)))
+        factory = {
+            "device": device if device is not None else prefix.device,
+            "dtype": dtype if dtype is not None else prefix.dtype,
+        }
+        self.ctx = nn.Parameter(ctx.detach().to(**factory).clone())
+        self.register_buffer("token_prefix", prefix.detach().to(**factory).clone())
+        self.register_buffer("token_suffix", suffix.detach().to(**factory).clone())
+        buf_device = factory["device"]
+        self.register_buffer("eot_index", eot.to(buf_device), persistent=False)
+        self.register_buffer("layout_index", self._layout_cpu.to(buf_device), persistent=False)
+        self._source_ids_cpu: Tensor | None = None  # token ids when built by from_descriptions
+
+    @staticmethod
+    def _layout(eot: Tensor, n_ctx: int, length: int, position: str) -> Tensor:
+        """``[K, length]`` positions in ``cat([prefix, ctx, suffix], 1)`` of each prompt position."""
+        rows = []
+        ctx = list(range(1, 1 + n_ctx))
+        half = n_ctx // 2
+        for e in eot.tolist():
+            n = e - 1 - n_ctx  # description length in tokens
+            desc = list(range(1 + n_ctx, 1 + n_ctx + n))
+            rest = list(range(1 + n_ctx + n, length))
+            if position == "end":
+                row = [0, *ctx, *desc, *rest]
+            elif position == "front":
+                row = [0, *desc, *ctx, *rest]
+            else:
+                row = [0, *ctx[:half], *desc, *ctx[half:], *rest]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long, device="cpu")
+
+    @classmethod
+    def from_descriptions(
+        cls,
+        tower: CLIPTextTower,
+        descriptions: Sequence[str],
+        *,
+        n_ctx: int = 8,
+        class_specific: bool = True,
+        position: str = "end",
+        cache_in_eval: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StoredPromptLearner:
+        """Build the stored embeddings from texts with the tower's token embedding, as the release.
+
+        The release tokenises ``"X X ... X <description>"`` (``n_ctx`` placeholders) to the full
+        context length, embeds it, and keeps position 0 as ``token_prefix`` and positions
+        ``1 + n_ctx`` on as ``token_suffix``; the context starts ``N(0, 0.02^2)``. Use this to build
+        a release-layout learner (then load a checkpoint's ``ctx`` / ``token_prefix`` /
+        ``token_suffix`` into it) or to train one from CLIP weights. :meth:`reset_parameters`
+        re-embeds the texts from the tower.
+
+        Raises:
+            ValueError: empty descriptions, a description that does not fit the context length
+                with ``n_ctx`` context tokens, ``n_ctx < 0``.
+        """
+        texts = facs.check_descriptions(descriptions)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        ids = cls.release_token_ids(tower, texts, n_ctx)
+        weight = tower.token_embedding.weight
+        factory = {
+            "device": device if device is not None else weight.device,
+            "dtype": dtype if dtype is not None else weight.dtype,
+        }
+        with torch.no_grad():
+            emb = tower.token_embedding(ids.to(weight.device)).to(**factory)
+        shape = (len(texts), n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
+        ctx = torch.empty(shape, **factory)
+        nn.init.normal_(ctx, std=0.02)
+        learner = cls(tower, emb[:, :1], emb[:, 1 + n_ctx:], ctx, ids.argmax(dim=-1), descriptions=texts,
+                      position=position, cache_in_eval=cache_in_eval, **factory)
+        learner._source_ids_cpu = ids
+        return learner
+
+    @staticmethod
+    def release_token_ids(tower: CLIPTextTower, texts: Sequence[str], n_ctx: int) -> Tensor:
+        """Token ids ``[K, L]`` of ``"X X ... X <text>"`` (``n_ctx`` placeholders; the release's template).
+
+        ``release_token_ids(...).argmax(-1)`` is the release's end-of-text index ``[K]`` (CLIP's
+        end-of-text token has the largest id), i.e. ``eot_index`` for :class:`StoredPromptLearner`.
+
+        Raises:
+            ValueError: a text does not fit the context length (named), or the tokenizer does not
+                split the placeholders into one token each.
+        """
+        placeholder = " ".join(["X"] * n_ctx)
+        if n_ctx and len(tower.tokenizer.encode(placeholder)) != n_ctx:
+            raise ValueError(
+                f"the tokenizer splits {placeholder!r} into {len(tower.tokenizer.encode(placeholder))} "
+                f"tokens (expected one token per 'X', n_ctx={n_ctx})"
+            )
+        prompts = [placeholder + " " + t for t in texts]
+        try:
+            return tower.tokenize(prompts)
+        except ValueError as err:
+            raise ValueError(f"{err} (with {n_ctx} context placeholders; shorten it or lower n_ctx)") from None
+
+    @property
+    def num_classes(self) -> int:
+        """``K``, the number of prompts."""
+        return int(self.token_prefix.shape[0])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise the context ``N(0, 0.02^2)`` and restore the derived index buffers.
+
+        The stored embeddings are restored only for a learner built by :meth:`from_descriptions`
+        (re-embedded from the tower's token embedding); otherwise they are data: load them.
+        """
+        self.tower.reset_parameters()
+        if self.eot_index.device.type != "meta":
+            self.eot_index.copy_(self._eot_cpu)
+            self.layout_index.copy_(self._layout_cpu)
+        if self._source_ids_cpu is not None and self.token_prefix.device.type != "meta":
+            weight = self.tower.token_embedding.weight
+            emb = self.tower.token_embedding(self._source_ids_cpu.to(weight.device)).to(self.token_prefix)
+            self.token_prefix.copy_(emb[:, :1])
+            self.token_suffix.copy_(emb[:, 1 + self.n_ctx:])
+        nn.init.normal_(self.ctx, std=0.02)
+        self._cache = None
+
+    def prompt_embeddings(self) -> Tensor:
+        """The assembled prompts ``[K, 1 + n_ctx + S, W]`` (the release's ``PromptLearner.forward``)."""
+        prefix, suffix = self.token_prefix, self.token_suffix
+        ctx = self.ctx.to(prefix.dtype)
+        if not self.class_specific:
+            ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
+        x = torch.cat([prefix, ctx, suffix], dim=1)
+        if self._identity_layout:
+            return x
+        idx = self.layout_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return x.gather(1, idx)
+
+    def pool_index(self) -> Tensor:
+        """End-of-text positions ``[K]`` (as given, or computed by :meth:`from_descriptions`)."""
+        return self.eot_index
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, n_ctx={self.n_ctx}, class_specific={self.class_specific}, "
+            f"position={self.position!r}, length={1 + self.n_ctx + self.token_suffix.shape[1]}, "
+            f"cache_in_eval={self.cache_in_eval}"
+        )
+
+
 class TextPrototypes(nn.Module):
     """Textual Semantic Prototypes (TSP, paper Sec. III-C): expression and AU prompt learners.
 
     Builds the ``K`` expression descriptions and ``M`` AU descriptions from :mod:`facelayers.facs`
-    (Table S4) in one of the paper's description styles, and one :class:`PromptLearner` for each,
-    both encoding through the same ``tower``.
+    (Table S4, or the released code's strings) in one of the paper's description styles, and one
+    :class:`PromptLearner` for each, both encoding through the same ``tower``.
 
     Args:
         tower: the shared frozen text encoder.
@@ -567,10 +886,21 @@ class TextPrototypes(nn.Module):
             FACS descriptions in every style.
         restrict_to_vocab: for ``"compound"``, keep only the phrases of AUs in ``au_vocab``
             (Table S4's "dataset-constrained approximations"); neutral keeps its description.
+            With ``source="ssm_release"`` it picks the release's BP4D or DISFA table.
         include_name: prefix compound descriptions with the expression name (as the released code).
+            ``None``: no prefix for Table S4, the name for the release strings (which always have it).
+        source: ``"table_s4"`` (the paper) or ``"ssm_release"``: the exact description strings of
+            the released code (:func:`facelayers.facs.release_descriptions`; compound style only).
+        release_table: for ``"ssm_release"``: ``(au_dataset, expression dataset or class count)``,
+            e.g. ``("bp4d", "dfew")``; default inferred from the vocabularies (see
+            :func:`facelayers.facs.expression_descriptions`).
         n_ctx, ctx_init, class_specific, position, cache_in_eval: passed to both learners.
         device: device of the context vectors.
         dtype: dtype of the context vectors.
+
+    Raises:
+        ValueError: an empty description, a bad style / source, or vocabularies the chosen source
+            does not describe.
     """
 
     def __init__(
@@ -581,7 +911,9 @@ class TextPrototypes(nn.Module):
         *,
         style: str = "compound",
         restrict_to_vocab: bool = True,
-        include_name: bool = False,
+        include_name: bool | None = None,
+        source: str = "table_s4",
+        release_table: tuple[str, str | int] | None = None,
         n_ctx: int = 8,
         ctx_init: str | None = None,
         class_specific: bool = True,
@@ -594,12 +926,14 @@ class TextPrototypes(nn.Module):
         self.au_vocab = facs.check_vocabulary(au_vocab, "au")
         self.expression_vocab = facs.check_vocabulary(expression_vocab, "expression")
         self.style = style
+        self.source = source
         restrict = self.au_vocab if (style == "compound" and restrict_to_vocab) else None
-        self.expression_texts = tuple(
+        self.expression_texts = facs.check_descriptions(
             facs.expression_descriptions(self.expression_vocab, style=style, restrict_to=restrict,
-                                         include_name=include_name)
+                                         include_name=include_name, source=source,
+                                         release_table=release_table)
         )
-        self.au_texts = tuple(facs.au_descriptions(self.au_vocab))
+        self.au_texts = facs.check_descriptions(facs.au_descriptions(self.au_vocab, source=source))
         common = dict(n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific, position=position,
                       cache_in_eval=cache_in_eval, device=device, dtype=dtype)
         self.expression_prompts = PromptLearner(tower, self.expression_texts, **common)
@@ -621,5 +955,6 @@ class TextPrototypes(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"expressions={len(self.expression_vocab)}, aus={len(self.au_vocab)}, style={self.style!r}"
+            f"expressions={len(self.expression_vocab)}, aus={len(self.au_vocab)}, style={self.style!r}, "
+            f"source={self.source!r}"
         )

@@ -11,3 +11,20 @@ def tiny_clip_kwargs(embed_dim: int = 32) -> dict:
         vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32),
         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
     )
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module, loaded from its path (``examples/`` holds scripts, not a
+    package: nothing puts it on ``sys.path``). Loaded once per test session."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    key = f"_facelayers_example_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

@@ -364,3 +364,76 @@ def test_au_dataset_reads_sample_manifests(tmp_path):
     ds = AUClipDataset.from_manifest(data / "disfa_test1.sample.jsonl", "disfa", tmp_path, num_frames=4,
                                      eval_cover=True)
     assert len(ds) == 9 and [len(r) for r in ds.runs] == [4, 5]  # frames 783-786 and 2000-2004
+
+
+# ---------------------------------------------------------------------------------------------
+# fast decoding path (default) vs the float reference path (fast_decode=False)
+
+
+def _jpeg_clip_folder(root: Path, name: str, n: int, size=(40, 48)) -> None:
+    g = torch.Generator().manual_seed(n)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=size, mode="bicubic",
+                                           align_corners=False)
+    for i in range(n):
+        img = ((base[0] * 0.8 + 0.02 * i).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / name / f"{i}.jpg", quality=90)
+
+
+def test_expression_fast_decode_matches_reference(tmp_path):
+    from facelayers.data.transforms import CLIP_STD, FAST_PATH_ATOL, train_transform
+
+    _jpeg_clip_folder(tmp_path, "a", 11)
+    rec = [ExpressionRecord("a", 11, 2)]
+    # no transform: bit-identical
+    fast = ExpressionClipDataset(rec, tmp_path, num_frames=4, train=True, seed=3)
+    ref = ExpressionClipDataset(rec, tmp_path, num_frames=4, train=True, seed=3, fast_decode=False)
+    assert torch.equal(fast[0]["clip"], ref[0]["clip"])
+    # train preset, same seed: same draws, rounding-level differences (brightness <= 1.5)
+    kw = dict(num_frames=16, train=True, seed=5, transform=train_transform(24, erase_p=1.0), draft=False)
+    a = ExpressionClipDataset(rec, tmp_path, **kw)[0]["clip"]
+    b = ExpressionClipDataset(rec, tmp_path, fast_decode=False, **kw)[0]["clip"]
+    assert a.shape == b.shape == (16, 3, 24, 24)
+    torch.testing.assert_close(a, b, atol=FAST_PATH_ATOL * 1.5 / min(CLIP_STD) + 1e-5, rtol=0)
+    # a plain callable gets the same float clip as in the reference path
+    seen = []
+    ExpressionClipDataset(rec, tmp_path, num_frames=4, transform=lambda c: seen.append(c) or c)[0]
+    ExpressionClipDataset(rec, tmp_path, num_frames=4, transform=lambda c: seen.append(c) or c, fast_decode=False)[0]
+    assert torch.equal(seen[0], seen[1])
+    assert "fast_decode=True" in repr(fast)
+
+
+def test_au_fast_decode_matches_reference_and_reports_size_mismatch(tmp_path):
+    from facelayers.data.transforms import CLIP_STD, FAST_PATH_ATOL, eval_transform
+
+    _jpeg_clip_folder(tmp_path, "S", 6)
+    recs = [AURecord(f"S/{f}.jpg", "S", f, (f & 1, 0)) for f in range(6)]
+    kw = dict(num_frames=4, transform=eval_transform(20), draft=False)
+    a = AUClipDataset(recs, tmp_path, **kw)[0]
+    b = AUClipDataset(recs, tmp_path, fast_decode=False, **kw)[0]
+    torch.testing.assert_close(a["clip"], b["clip"], atol=FAST_PATH_ATOL / min(CLIP_STD) + 1e-5, rtol=0)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["mask"], b["mask"])
+    Image.new("RGB", (9, 9)).save(tmp_path / "S" / "2.jpg")
+    with pytest.raises(ValueError, match="sequence 'S'.*different sizes"):
+        AUClipDataset(recs, tmp_path, num_frames=4)[0]
+
+
+def test_expression_video_fast_decode_matches_reference(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        stream.codec_context.gop_size = 5
+        for i in range(30):
+            img = Image.new("RGB", (16, 16), (8 * i, 4 * i, 255 - 8 * i))
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    rec = [ExpressionRecord("clip.mp4", 30, 1)]
+    for train in (False, True):
+        fast = ExpressionClipDataset(rec, tmp_path, num_frames=6, train=train, seed=2)
+        ref = ExpressionClipDataset(rec, tmp_path, num_frames=6, train=train, seed=2, fast_decode=False)
+        assert fast.sample_indices(0) == ref.sample_indices(0) or train
+        assert torch.equal(fast[0]["clip"], ref[0]["clip"])

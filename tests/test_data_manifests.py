@@ -81,8 +81,8 @@ def test_read_disfa_sample_padding_and_unordered_ids():
 def test_disfa_id_order_does_not_matter(tmp_path):
     p = tmp_path / "a.jsonl"
     lines = [
-        {"img_path": "S/frame_1.jpg", "AUs": [26, 999, 1, 999, 999, 999, 999, 999]},
-        {"img_path": "S/frame_2.jpg", "AUs": [1, 26]},
+        {"img_path": "SN001/frame_1.jpg", "AUs": [26, 999, 1, 999, 999, 999, 999, 999]},
+        {"img_path": "SN001/frame_2.jpg", "AUs": [1, 26, 999, 999, 999, 999, 999, 999]},
     ]
     p.write_text("".join(json.dumps(x) + "\n" for x in lines))
     a, b = read_manifest(p, "disfa")
@@ -116,7 +116,8 @@ BAD_LINES = [
     ("bp4d", "768.jpg " + "0 " * 12 + "\n", 1, "no sequence folder"),
     ("bp4d", "F/x.jpg " + "0 " * 12 + "\n", 1, "frame number"),
     ("bp4d", "F/1.jpg " + "0 " * 11 + "2\n", 1, "AU24=2"),
-    ("disfa", '{"img_path": "S/frame_1.jpg", "AUs": [999]}\n{"img_path": "S/frame_2.jpg"\n', 2, "invalid JSON"),
+    ("disfa", '{"img_path": "SN001/frame_1.jpg", "AUs": [999, 999, 999, 999, 999, 999, 999, 999]}\n'
+              '{"img_path": "SN001/frame_2.jpg"\n', 2, "invalid JSON"),
     ("disfa", '{"img_path": "S/frame_1.jpg"}\n', 1, "missing key"),
     ("disfa", '["S/frame_1.jpg", [1]]\n', 1, "expected a JSON object"),
     ("disfa", '{"img_path": "S/frame_1.jpg", "AUs": [5, 999]}\n', 1, r"AU id\(s\) \[5\]"),
@@ -154,20 +155,30 @@ _name = st.text(alphabet="abcXYZ019_-", min_size=1, max_size=8)
 
 @st.composite
 def expression_records(draw, num_classes: int):
-    n = draw(st.integers(0, 12))
-    paths = draw(st.lists(st.lists(_name, min_size=1, max_size=3).map("/".join), min_size=n, max_size=n))
+    # a manifest has at least one line and lists each clip once (see tests/test_bad_input_data.py)
+    n = draw(st.integers(1, 12))
+    paths = draw(st.lists(st.lists(_name, min_size=1, max_size=3).map("/".join), min_size=n, max_size=n, unique=True))
     return [
         ExpressionRecord(p, draw(st.integers(1, 10_000)), draw(st.integers(0, num_classes - 1))) for p in paths
     ]
 
 
+# sequence folders that follow each dataset's subject convention (parse_subject)
+_bp4d_seq = st.builds(
+    "{}{}{:02d}_{:02d}".format, st.integers(0, 99), st.sampled_from("FMfm"), st.integers(0, 99), st.integers(0, 99)
+)
+_disfa_seq = st.builds("{}SN{:03d}{}".format, st.sampled_from(["", "RightVideo", "x/LeftVideo"]), st.integers(0, 999),
+                       st.sampled_from(["", "_a", "/b"]))
+
+
 @st.composite
 def au_records(draw, m: int, style: str):
-    n = draw(st.integers(0, 12))
+    # at least one line; each (sequence, frame) once
+    n = draw(st.integers(1, 12))
+    keys = draw(st.lists(st.tuples(_bp4d_seq if style == "bp4d" else _disfa_seq, st.integers(0, 10**6)),
+                         min_size=n, max_size=n, unique=True))
     out = []
-    for _ in range(n):
-        seq = draw(_name)
-        idx = draw(st.integers(0, 10**6))
+    for seq, idx in keys:
         width = draw(st.integers(0, 6))
         stem = f"{idx:0{width}d}" if style == "bp4d" else f"frame_{idx:0{width}d}"
         labels = tuple(draw(st.lists(st.integers(0, 1), min_size=m, max_size=m)))
@@ -287,12 +298,13 @@ def test_validator_expression_problems(tmp_path):
 
 def test_validator_au_problems(tmp_path):
     root = tmp_path / "imgs"
-    _img(root / "S1" / "frame_1.jpg")
+    _img(root / "SN001" / "frame_1.jpg")
+    pad = [999] * 7
     lines = [
-        {"img_path": "S1/frame_1.jpg", "AUs": [999]},
-        {"img_path": "S1/frame_2.jpg", "AUs": [1]},
-        {"img_path": "S1/frame_01.jpg", "AUs": [2]},
-        {"img_path": "S1/frame_3.jpg", "AUs": [3]},
+        {"img_path": "SN001/frame_1.jpg", "AUs": [999] + pad},
+        {"img_path": "SN001/frame_2.jpg", "AUs": [1] + pad},
+        {"img_path": "SN001/frame_01.jpg", "AUs": [2] + pad},
+        {"img_path": "SN001/frame_3.jpg", "AUs": [3] + pad},
     ]
     m = tmp_path / "d.jsonl"
     m.write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -138,3 +138,22 @@ def test_compose_passes_generator_and_calls_plain_callables():
 def test_bad_arguments(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+@given(seed=st.integers(0, 2**31), h=st.integers(9, 40), w=st.integers(9, 40))
+def test_reference_geometry_is_torchvision_on_the_drawn_params(seed, h, w):
+    # the float reference path = torchvision's functional ops on the parameters drawn from the generator
+    from torchvision.transforms.v2 import functional as F
+
+    clip = torch.rand(2, 3, h, w, generator=_gen(seed))
+    crop = ClipRandomResizedCrop(8, scale=(0.2, 1.0), ratio=(0.5, 2.0))
+    top, left, ch, cw = crop.get_params(h, w, _gen(seed))
+    assert torch.equal(crop(clip, _gen(seed)), F.resized_crop(clip, top, left, ch, cw, [8, 8], antialias=True))
+    for size in (7, (5, 11)):
+        steps = ClipResize(size).steps(h, w)
+        out = ClipResize(size)(clip)
+        assert torch.equal(out, F.resize(clip, [size] if isinstance(size, int) else list(size), antialias=True))
+        assert steps[-1].out_size() == tuple(out.shape[-2:])
+    cc = ClipCenterCrop((12, 30))
+    assert torch.equal(cc(clip), F.center_crop(clip, [12, 30]))
+    assert cc.steps(h, w)[-1].out_size() == (12, 30)

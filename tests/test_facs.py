@@ -251,3 +251,143 @@ class TestErrors:
             facs.prior_matrix([], [1])
         with pytest.raises(TypeError, match="string"):
             facs.check_vocabulary("happiness", "expression")
+
+
+# ----------------------------------------------------------------------------- release descriptions
+
+# Where the released code's strings differ from Table S4 (docs/facs.md): for the 7-class pairs the
+# comparison is Table S4 restricted to the AU dataset with the name prefix; MAFW's 11 texts (shared by
+# BP4D and DISFA) compare with the full Table S4 texts. Each entry: expression -> the release's text.
+RELEASE_DIFFS = {
+    ("bp4d", 7): {
+        "neutral": "neutral, no active AUs",
+        "disgust": "disgust, upper lip raiser",
+        "fear": "fear, inner brow raiser, outer brow raiser, brow lowerer",
+    },
+    ("disfa", 7): {
+        "neutral": "neutral, relaxed facial muscles, straight mouth, smooth forehead, unremarkable eyebrows",
+    },
+    ("any", 11): {
+        "anger": "anger, brow lowerer, upper lid raiser, lip tightener, lips part",
+        "fear": "fear, inner brow raiser, outer brow raiser, brow lowerer, upper lid raiser, jaw drop, lip stretcher",
+        "contempt": "contempt, unilateral lip corner tightener",
+    },
+}
+RELEASE_PAIRS = [(a, e) for a in ("bp4d", "disfa") for e in ("dfew", "ferv39k", "mafw")]
+
+
+def _table_s4_with_names(names, aus, k):
+    restrict = aus if k == 7 else None  # see RELEASE_DIFFS
+    return facs.expression_descriptions(names, "compound", restrict_to=restrict, include_name=True)
+
+
+@pytest.mark.parametrize("au_ds,exp_ds", RELEASE_PAIRS, ids=[f"{a}-{e}" for a, e in RELEASE_PAIRS])
+def test_release_descriptions_structure_all_pairs(au_ds, exp_ds):
+    exp, au = facs.release_descriptions(au_ds, exp_ds)
+    aus = facs.BP4D_AUS if au_ds == "bp4d" else facs.DISFA_AUS
+    names = facs.EXPRESSIONS_11 if exp_ds == "mafw" else facs.EXPRESSIONS_7
+    k = len(names)
+    assert (len(exp), len(au)) == (k, len(aus)) == ({"mafw": 11}.get(exp_ds, 7), {"bp4d": 12}.get(au_ds, 8))
+    # vocabulary order: every text starts with its class name, in the dataset's label order
+    assert all(t.startswith(f"{n}, ") for t, n in zip(exp, names))
+    # AU texts: Table S4's, in label order, except AU24 "lip presser"
+    want_au = [("lip presser" if c == 24 else TABLE_S4_AU_NAMES[c]) for c in aus]
+    assert au == want_au
+    # the documented differences from Table S4, and no other
+    diffs = RELEASE_DIFFS[(au_ds, 7)] if k == 7 else RELEASE_DIFFS[("any", 11)]
+    table = _table_s4_with_names(names, aus, k)
+    got = {n: t for n, t, s in zip(names, exp, table) if t != s}
+    assert got == diffs
+    assert 1 <= len(got) <= 3
+    # the same through the per-vocabulary helpers
+    assert facs.expression_descriptions(names, source="ssm_release", release_table=(au_ds, exp_ds)) == exp
+    assert facs.au_descriptions(aus, source="ssm_release") == au
+    assert facs.check_descriptions(exp) == tuple(exp)
+
+
+def test_release_descriptions_shared_lists():
+    assert facs.release_descriptions("bp4d", "dfew") == facs.release_descriptions("bp4d", "ferv39k")
+    assert facs.release_descriptions("disfa", "DFEW") == facs.release_descriptions("disfa", 7)
+    assert facs.release_descriptions("bp4d", "mafw")[0] == facs.release_descriptions("disfa", "mafw")[0]
+    assert facs.release_descriptions("bp4d", 7)[0] != facs.release_descriptions("disfa", 7)[0]
+
+
+def _fixture_jsons() -> list:
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("FACELAYERS_RELEASE_FIXTURES", Path(__file__).parent / "data" / "ssm_release"))
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("meta_path", _fixture_jsons(), ids=lambda p: p.stem)
+def test_release_descriptions_equal_fixture(meta_path):
+    """The strings the released code itself used (recorded by the fixture's generator)."""
+    import json
+
+    meta = json.loads(meta_path.read_text())
+    exp, au = facs.release_descriptions(meta["au_dataset"], meta["expression_dataset"])
+    assert exp == meta["expression_descriptions"]
+    assert au == meta["au_descriptions"]
+
+
+def test_release_expression_descriptions_subsets_and_inference():
+    # subset and order follow the given names; table inferred from restrict_to / the names
+    got = facs.expression_descriptions(["fear", "happiness"], source="ssm_release", restrict_to=facs.DISFA_AUS)
+    full = dict(zip(facs.EXPRESSIONS_7, facs.release_descriptions("disfa", 7)[0]))
+    assert got == [full["fear"], full["happiness"]]
+    mafw = facs.expression_descriptions(["contempt"], source="ssm_release")
+    assert mafw == ["contempt, unilateral lip corner tightener"]
+    assert facs.expression_descriptions(["neutral"], source="ssm_release", restrict_to=[1, 24]) == [
+        "neutral, no active AUs"
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(style="words"), r"expected style='compound', got 'words'"),
+        (dict(include_name=False), r"expected include_name=None or True, got False"),
+        (dict(), r"depend on the AU dataset"),
+        (dict(restrict_to=[5]), r"depend on the AU dataset"),
+        (dict(release_table=("bp4d", "afew")), r"expected one of them or a class count 7/11, got 'afew'"),
+        (dict(release_table=("ck+", 7)), r"expected one of them, got 'ck\+'"),
+        (dict(release_table=("bp4d", 9)), r"expected 7 or 11, got 9"),
+        (dict(release_table="bp4d"), r"release_table must be"),
+    ],
+)
+def test_release_expression_descriptions_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        facs.expression_descriptions(["happiness"], source="ssm_release", **kwargs)
+
+
+def test_release_description_errors_and_sources():
+    with pytest.raises(ValueError, match=r"expected names among them, got \['contempt'\]"):
+        facs.expression_descriptions(["contempt"], source="ssm_release", release_table=("bp4d", "dfew"))
+    with pytest.raises(ValueError, match=r"expected AUs among them, got AUs \[5\]"):
+        facs.au_descriptions([1, 5], source="ssm_release")
+    with pytest.raises(ValueError, match="source"):
+        facs.au_descriptions([1], source="paper")
+    with pytest.raises(ValueError, match="source"):
+        facs.expression_descriptions(["happiness"], source="paper")
+    with pytest.raises(ValueError, match="release_table applies"):
+        facs.expression_descriptions(["happiness"], release_table=("bp4d", 7))
+    assert facs.DESCRIPTION_SOURCES == ("table_s4", "ssm_release")
+    # Table S4 keeps "lip pressor"; the release writes "lip presser"
+    assert facs.au_descriptions([24]) == ["lip pressor"]
+    assert facs.au_descriptions([24], source="ssm_release") == ["lip presser"]
+
+
+@pytest.mark.parametrize(
+    "texts,exc,match",
+    [
+        (["ok", ""], ValueError, r"description 1 of 2 is empty \(expected a non-empty description, got ''\)"),
+        ([" \t"], ValueError, r"expected a non-empty description, got ' \\t'"),
+        ([], ValueError, r"empty \(expected at least one description, got none\)"),
+        ("brow lowerer", TypeError, "the string"),
+        (["ok", 3], TypeError, r"expected str, got int"),
+    ],
+)
+def test_check_descriptions(texts, exc, match):
+    with pytest.raises(exc, match=match):
+        facs.check_descriptions(texts)

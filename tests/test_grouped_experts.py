@@ -306,3 +306,72 @@ def test_bad_input_raises_clear_error(change, exc, pattern):
     kwargs.update(change)
     with pytest.raises(exc, match=pattern):
         grouped_expert_mlp(**kwargs)
+
+
+# ---------------------------------------------------------------- one surface (issue 13 item 5)
+def test_backend_registry_register_use_unregister():
+    floats, idx, _ = make_inputs(10, 5, 4, 3, 3, 2, "random", torch.float64)
+    x, weights, w1, b1, w2, b2 = floats
+    seen = []
+
+    def doubled(x, expert_idx, weights, w1, b1, w2, b2, activation):
+        seen.append(activation)
+        return 2 * grouped_expert_mlp_torch(x, expert_idx, weights, w1, b1, w2, b2, activation)
+
+    assert "doubled_test" not in ge.available_backends()
+    ge.register_backend("doubled_test", doubled)
+    try:
+        assert ge.available_backends()[:4] == ("auto", "triton", "torch", "reference")
+        assert "doubled_test" in ge.available_backends()
+        out = grouped_expert_mlp(x, idx, weights, w1, b1, w2, b2, activation="relu", backend="doubled_test")
+        torch.testing.assert_close(out, 2 * grouped_expert_mlp(x, idx, weights, w1, b1, w2, b2, "relu", "torch"))
+        assert seen == ["relu"]
+        with pytest.raises(ValueError, match=r"already registered \(expected a new name or overwrite=True"):
+            ge.register_backend("doubled_test", doubled)
+        ge.register_backend("doubled_test", doubled, overwrite=True)
+    finally:
+        ge.unregister_backend("doubled_test")
+    assert "doubled_test" not in ge.available_backends()
+    with pytest.raises(ValueError, match=r"cannot replace the built-in backend 'torch'"):
+        ge.register_backend("torch", doubled)
+    with pytest.raises(ValueError, match=r"got 'auto'"):
+        ge.register_backend("auto", doubled)
+    with pytest.raises(TypeError, match=r"expected a callable, got int"):
+        ge.register_backend("x_test", 3)
+    with pytest.raises(ValueError, match=r"not a registered \(non built-in\) backend"):
+        ge.unregister_backend("reference")
+
+
+def test_env_var_may_name_a_registered_backend(monkeypatch):
+    ge.register_backend("env_test", lambda *a: grouped_expert_mlp_torch(*a))
+    try:
+        monkeypatch.setenv(ge.ENV_VAR, "env_test")
+        assert ge.resolve_backend("auto", torch.zeros(1)) == "env_test"
+    finally:
+        ge.unregister_backend("env_test")
+
+
+def test_one_activation_registry_one_validator_one_probe():
+    from facelayers.moe import experts, layer
+    from facelayers.ops.grouped_experts import activations, op, reference, validation
+
+    assert reference.ACTIVATIONS is activations.ACTIVATIONS and op.ACTIVATIONS is activations.ACTIVATIONS
+    assert ge.ACTIVATIONS is activations.ACTIVATIONS
+    for module in (layer, experts, op, ge):
+        src = Path(module.__file__).read_text()
+        assert "from .reference import ACTIVATIONS" not in src and "grouped_experts.reference" not in src, module
+    assert "check_grouped_expert_inputs" in Path(op.__file__).read_text()
+    assert "def _check_inputs" not in Path(op.__file__).read_text() + Path(ge.__file__).read_text()
+    assert "find_spec" not in Path(op.__file__).read_text()  # the one Triton probe lives in __init__
+    assert validation.check_grouped_expert_inputs is ge.check_grouped_expert_inputs
+    x = torch.randn(5)
+    for name, fn in activations.ACTIVATIONS.items():
+        torch.testing.assert_close(activations.Activation(name)(x), fn(x))
+
+
+def test_error_wording_says_got_never_received():
+    import facelayers.moe as moe_pkg
+
+    files = list(Path(ge.__file__).parent.glob("*.py")) + list(Path(moe_pkg.__file__).parent.glob("*.py"))
+    offenders = [p.name for p in files if "received" in p.read_text()]
+    assert not offenders, f"error wording must say 'got', found 'received' in {offenders}"

@@ -401,3 +401,51 @@ def test_meters_reduce_across_two_gloo_ranks(tmp_path):
 def test_bad_inputs_raise(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+# ---------------------------------------------------------------- the release's reported AU F1
+
+
+def _release_segment_safe_search(segments, thresholds, k_values):
+    """Brute-force reading of the release's ``search_segment_safe_vote`` (adaptive_vote.py): one global
+    threshold, K and vote count r in 1..2K+1, voting inside each segment, undefined F1 = 0, plain mean."""
+    targets = np.concatenate([t for t, _ in segments])
+    best = -1.0
+    for k in k_values:
+        w = 2 * k + 1
+        for r in range(1, w + 1):
+            for th in thresholds:
+                voted = []
+                for _, prob in segments:
+                    padded = np.pad(prob >= th, ((k, k), (0, 0)), mode="edge").astype(int)
+                    counts = np.stack([padded[i : i + w].sum(0) for i in range(len(prob))])
+                    voted.append(counts >= r)
+                pred = np.concatenate(voted)
+                tp = (pred & (targets == 1)).sum(0)
+                fp = (pred & (targets == 0)).sum(0)
+                fn = (~pred & (targets == 1)).sum(0)
+                den = 2 * tp + fp + fn
+                f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
+                best = max(best, float(f1.mean()))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tuned_au_f1_reproduces_release_reported_f1(seed):
+    """The documented recipe (docs/metrics.md) gives the release's segment-safe, every-vote-count F1."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 9, size=3)
+    m = 3
+    segments = [
+        ((rng.random((n, m)) < 0.4).astype(np.uint8), np.round(rng.random((n, m)), 2)) for n in lengths
+    ]
+    ths = [i / 10 for i in range(1, 10)]
+    ks = range(3)
+    expected = _release_segment_safe_search(segments, ths, ks)
+    probs = torch.tensor(np.concatenate([p for _, p in segments]))
+    target = torch.tensor(np.concatenate([t for t, _ in segments]))
+    seg_ids = torch.tensor(np.repeat(np.arange(len(lengths)), lengths))
+    fractions = sorted({r / (2 * k + 1) for k in ks for r in range(1, 2 * k + 2)})
+    got = tuned_au_f1(probs, target, ths, vote_windows=ks, vote_fractions=fractions, segment_ids=seg_ids,
+                      zero_division=0.0)
+    assert got["mean"] == pytest.approx(expected, abs=1e-12)

@@ -186,7 +186,7 @@ def test_state_dict_saved_before_injection_loads():
     assert sorted(missing) == sorted(
         f"visual.transformer.resblocks.{i}.mlp.{n}"
         for i in range(2)
-        for n in ("router_weight", "router_bias", "w1", "b1", "w2", "b2", "gamma")
+        for n in ("router.weight", "router.bias", "experts.w1", "experts.b1", "experts.w2", "experts.b2", "gamma")
     )
     _zero_gamma_(target)
     x = torch.randn(2, 3, 32, 32)

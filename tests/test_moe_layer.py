@@ -338,3 +338,167 @@ def test_layer_triton_backend_matches_torch_backend_on_cpu():
     torch.testing.assert_close(out_k, out_t, **TOL[torch.float32], msg=lambda m: f"out: {m}")
     for name in ("x",) + PARAM_NAMES:
         torch.testing.assert_close(g_k[name], g_t[name], **TOL[torch.float32], msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# ---------------------------------------------------------------- composition by injection (issue 13)
+from facelayers.moe import (  # noqa: E402
+    LEGACY_PARAMETER_NAMES,
+    GroupedExperts,
+    RouterOutput,
+    TaskTopKRouter,
+    inject_moe_,
+)
+from facelayers.ops.grouped_experts import register_backend, unregister_backend  # noqa: E402
+
+
+class FixedFirstExpertsRouter(TaskTopKRouter):
+    """Always experts 0..k-1 with equal gates (a custom router by subclassing: no patching)."""
+
+    def select(self, probs):
+        n = probs.shape[0]
+        top_i = torch.arange(self.top_k, device=probs.device).expand(n, self.top_k)
+        return probs.new_full((n, self.top_k), 1.0 / self.top_k), top_i
+
+
+class ConstantRouter(nn.Module):
+    """A router written from scratch against the protocol (no TaskTopKRouter base)."""
+
+    def __init__(self, dim, num_experts, *, top_k, num_tasks, expert, **_unused):
+        super().__init__()
+        self.num_experts, self.top_k, self.num_tasks, self.expert = num_experts, top_k, num_tasks, expert
+
+    def forward(self, tokens, task_of_token=None, layout=None):
+        n = tokens.shape[0]
+        idx = torch.full((n, self.top_k), self.expert, dtype=torch.long)
+        if task_of_token is not None:
+            idx = idx + (task_of_token * self.num_experts).unsqueeze(1)
+        probs = torch.full((n, self.num_experts), 1.0 / self.num_experts, dtype=torch.float64)
+        return RouterOutput(idx, torch.full((n, self.top_k), 0.5, dtype=torch.float64), probs)
+
+
+def test_custom_router_class_swaps_in_without_patching():
+    base = make_layer(20, 6, 5, 4, 2, 2)
+    layer = MoEFFN(base.shared, 6, num_experts=4, hidden_dim=5, top_k=2, num_tasks=2, dtype=torch.float64,
+                   router_layer=FixedFirstExpertsRouter).eval()
+    layer.load_state_dict(base.state_dict())
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    tasks = torch.tensor([1, 0])
+    out = layer(x, task_ids=tasks)
+    want = []
+    for b in range(2):
+        t = int(tasks[b])
+        acc = sum(0.5 * (F.gelu(x[b] @ layer.w1[t, e] + layer.b1[t, e]) @ layer.w2[t, e] + layer.b2[t, e])
+                  for e in (0, 1))
+        want.append(layer.shared(x[b]) + layer.gamma * acc)
+    torch.testing.assert_close(out, torch.stack(want))
+    assert layer.last_load[1].tolist() == [3, 3, 0, 0] and layer.last_load[0].tolist() == [3, 3, 0, 0]
+
+
+def test_protocol_router_factory_and_built_modules():
+    shared = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    layer = MoEFFN(shared, 4, num_experts=3, hidden_dim=2, num_tasks=2,
+                   router_layer=lambda **kw: ConstantRouter(**kw, expert=2))
+    layer(torch.randn(2, 5, 4), task_ids=[0, 1])
+    assert layer.last_load.tolist() == [[0, 0, 10], [0, 0, 10]]
+    built = TaskTopKRouter(4, 3, top_k=1, num_tasks=2)
+    bank = GroupedExperts(4, 2, 3, num_tasks=2, backend="reference")
+    layer = MoEFFN(shared, 4, num_experts=3, top_k=1, num_tasks=2, router_layer=built, experts_layer=bank)
+    assert layer.router is built and layer.experts is bank and layer.backend == "reference"
+    with pytest.raises(ValueError, match=r"does not match the layer's num_experts \(expected num_experts=4, got 3\)"):
+        MoEFFN(shared, 4, router_layer=TaskTopKRouter(4, 3))
+    with pytest.raises(TypeError, match=r"expected nn.Module or callable, got int"):
+        MoEFFN(shared, 4, experts_layer=3)
+    with pytest.raises(ValueError, match=r"expected a class or factory building one per layer"):
+        inject_moe_(nn.Sequential(shared, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))),
+                    filter_fn=lambda m, n: n in ("0", "1"), router_layer=TaskTopKRouter(4, 4))
+
+
+def test_router_forward_hook_replaces_routing_publicly():
+    """What a debugging aid (drop one expert) needs, through nn.Module's public hook API."""
+    layer = make_layer(21, 6, 5, 4, 2, 2).eval()
+
+    def drop_expert_0(module, args, out):
+        masked = out.probs.masked_fill(torch.arange(module.num_experts) == 0, -1.0)
+        top_i = masked.topk(module.top_k, dim=-1).indices
+        tasks = args[1]
+        return RouterOutput(top_i + (tasks * module.num_experts).unsqueeze(1), out.probs.gather(1, top_i), out.probs)
+
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    handle = layer.router.register_forward_hook(drop_expert_0)
+    layer(x, task_ids=[0, 1, 1])
+    assert layer.last_load[:, 0].tolist() == [0, 0] and layer.last_load.sum() == 3 * 4 * 2
+    handle.remove()
+    layer(x, task_ids=[0, 1, 1])
+    assert layer.last_load[:, 0].sum() > 0
+
+
+def test_old_checkpoint_names_load():
+    """A state dict in the older flat naming (generated through the documented LEGACY_PARAMETER_NAMES)."""
+    assert LEGACY_PARAMETER_NAMES == {"router_weight": "router.weight", "router_bias": "router.bias",
+                                      "w1": "experts.w1", "b1": "experts.b1", "w2": "experts.w2", "b2": "experts.b2"}
+    source = nn.Sequential(make_layer(22, 6, 5, 4, 2, 2))
+    new_to_old = {new: old for old, new in LEGACY_PARAMETER_NAMES.items()}
+    old_sd = {}
+    for key, value in source.state_dict().items():
+        local = key[len("0."):]
+        old_sd["0." + new_to_old.get(local, local)] = value.clone()
+    assert "0.router_weight" in old_sd and "0.experts.w1" not in old_sd and "0.gamma" in old_sd
+    target = nn.Sequential(make_layer(23, 6, 5, 4, 2, 2))
+    result = target.load_state_dict(old_sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    torch.testing.assert_close(target[0](x, task_ids=[1, 0]), source[0](x, task_ids=[1, 0]), rtol=0, atol=0)
+
+
+def test_registered_backend_reaches_the_layer():
+    calls = []
+
+    def counting(x, idx, w, w1, b1, w2, b2, activation):
+        calls.append(tuple(idx.shape))
+        from facelayers.ops.grouped_experts.torch_backend import grouped_expert_mlp_torch
+
+        return grouped_expert_mlp_torch(x, idx, w, w1, b1, w2, b2, activation)
+
+    register_backend("counting_test", counting)
+    try:
+        layer = make_layer(24, 6, 5, 4, 2, 2).eval()
+        ref = layer(torch.ones(2, 3, 6, dtype=torch.float64), task_ids=[0, 1])
+        layer.backend = "counting_test"
+        out = layer(torch.ones(2, 3, 6, dtype=torch.float64), task_ids=[0, 1])
+        assert calls == [(6, 2)]
+        torch.testing.assert_close(out, ref)
+    finally:
+        unregister_backend("counting_test")
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'counting_test'"):
+        layer.backend = "counting_test"
+
+
+# ---------------------------------------------------------------- bad input (issue 15)
+def test_input_dtype_must_match_parameters():
+    layer = make_layer(25, 6, 5, 4, 2, 2)  # float64
+    with pytest.raises(TypeError, match=r"expected torch.float64, got torch.float32"):
+        layer(torch.randn(2, 3, 6), task_ids=[0, 1])
+
+
+def test_dim_must_match_shared_ffn():
+    with pytest.raises(ValueError, match=r"dim does not match the shared FFN's input width \(expected dim=8.*got dim=6\)"):
+        MoEFFN(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), 6)
+    with pytest.raises(ValueError, match=r"output width \(expected dim=5.*got dim=8\)"):
+        MoEFFN(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5)), 8)
+
+
+@pytest.mark.parametrize("blocks, pattern", [
+    (["0"], r"block indices must be ints \(expected int, got str '0'\)"),
+    ([0.0], r"block indices must be ints \(expected int, got float 0.0\)"),
+    ([True], r"block indices must be ints \(expected int, got bool True\)"),
+    (2.5, r"expected one of those, got float"),
+    ({0}, r"expected one of those, got set"),
+])
+def test_inject_rejects_bad_blocks(blocks, pattern):
+    open_clip = pytest.importorskip("open_clip")
+    from _testutils import tiny_clip_kwargs
+
+    with pytest.raises(TypeError, match=pattern):
+        inject_moe_(open_clip.CLIP(**tiny_clip_kwargs()), blocks=blocks, hidden_dim=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import open_clip
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facelayers import facs
-from facelayers.prompts import CLIPTextTower, PromptLearner, TextPrototypes
+from facelayers.prompts import CLIPTextTower, PromptLearner, StoredPromptLearner, TextPrototypes
 
 DESCS = [
     "cheek raiser, lip corner puller",
@@ -386,3 +387,245 @@ def test_text_prototypes_styles_and_trainables(tower, style):
         assert tsp.expression_texts[0] == "happiness"
     with pytest.raises(facs.UnknownLabelError):
         TextPrototypes(tower, (1, 99), facs.EXPRESSIONS_7)
+
+
+# ----------------------------------------------------------------------------- empty descriptions
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\t\n"], ids=["empty", "spaces", "whitespace"])
+def test_empty_description_is_a_clear_error(tower, bad):
+    expected = f"expected a non-empty description, got {bad!r}"
+    for build in (
+        lambda: PromptLearner(tower, ["brow lowerer", bad], n_ctx=2),
+        lambda: StoredPromptLearner.from_descriptions(tower, [bad], n_ctx=2),
+        lambda: facs.check_descriptions(["brow lowerer", bad]),
+    ):
+        with pytest.raises(ValueError) as err:
+            build()
+        assert expected in str(err.value), str(err.value)
+    w = tower.width
+    with pytest.raises(ValueError, match="expected a non-empty description"):
+        PromptLearner.from_embeddings(tower, torch.zeros(1, 1, w), torch.zeros(1, 70, w), torch.zeros(2, w),
+                                      torch.tensor([4]), descriptions=[bad])
+
+
+# ----------------------------------------------------------------------------- stored prompts (release)
+
+
+def _release_assembly(prefix, ctx, suffix, name_lens, position):
+    """The release's prompt assembly (ssm/models/prompting.py), written out per class with cat."""
+    n_ctx = ctx.shape[-2]
+    if ctx.dim() == 2:
+        ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+    if position == "end":
+        return torch.cat([prefix, ctx, suffix], dim=1)
+    rows = []
+    for i, n in enumerate(name_lens):
+        p, c, s = prefix[i:i + 1], ctx[i:i + 1], suffix[i:i + 1]
+        if position == "front":
+            rows.append(torch.cat([p, s[:, :n], c, s[:, n:]], dim=1))
+        else:
+            h = n_ctx // 2
+            rows.append(torch.cat([p, c[:, :h], s[:, :n], c[:, h:], s[:, n:]], dim=1))
+    return torch.cat(rows, dim=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n_ctx=st.integers(0, 4),
+    position=st.sampled_from(["end", "middle", "front"]),
+    class_specific=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_stored_learner_equals_token_learner_and_release_layout(tower, n_ctx, position, class_specific, seed):
+    """Stored-embedding prompts == token-id prompts (features and ctx gradients), layout == the release's."""
+    gen = torch.Generator().manual_seed(seed)
+    stored = StoredPromptLearner.from_descriptions(tower, DESCS, n_ctx=n_ctx, position=position,
+                                                   class_specific=class_specific).train()
+    plain = PromptLearner(tower, DESCS, n_ctx=n_ctx, position=position, class_specific=class_specific).train()
+    with torch.no_grad():
+        stored.ctx.copy_(torch.randn(stored.ctx.shape, generator=gen))
+        plain.ctx.copy_(stored.ctx)
+    name_lens = [len(tower.tokenizer.encode(d)) for d in DESCS]
+    assert stored.pool_index().tolist() == [1 + n_ctx + n for n in name_lens]
+    ref_emb = _release_assembly(stored.token_prefix, stored.ctx, stored.token_suffix, name_lens, position)
+    assert torch.equal(stored.prompt_embeddings(), ref_emb)
+    assert torch.equal(stored.prompt_embeddings(), plain.prompt_embeddings())
+    a, b = stored(), plain()
+    assert torch.equal(a, b)
+    if n_ctx:
+        w = torch.randn(a.shape, generator=gen)
+        (ga,) = torch.autograd.grad((a * w).sum(), stored.ctx)
+        (gb,) = torch.autograd.grad((b * w).sum(), plain.ctx)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0, msg="dctx")
+
+
+def test_stored_learner_names_shapes_and_repr(tower):
+    learner = StoredPromptLearner.from_descriptions(tower, DESCS, n_ctx=8)
+    assert isinstance(learner, PromptLearner) and learner.num_classes == 3
+    own = {k for k in learner.state_dict() if not k.startswith("tower.")}
+    assert own == {"ctx", "token_prefix", "token_suffix"}, own  # the release's names, eot not saved
+    assert learner.token_prefix.shape == (3, 1, 64) and learner.token_suffix.shape == (3, 68, 64)
+    assert learner.ctx.shape == (3, 8, 64)
+    assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
+    assert "length=77" in repr(learner) and "n_ctx=8" in repr(learner)
+    # the same tensors through from_embeddings give the same features
+    again = PromptLearner.from_embeddings(tower, learner.token_prefix, learner.token_suffix, learner.ctx.detach(),
+                                          learner.pool_index())
+    assert type(again) is StoredPromptLearner
+    assert torch.equal(again.eval()(), learner.eval()())
+    # reset re-embeds the texts from the tower and redraws the context
+    prefix = learner.token_prefix.clone()
+    with torch.no_grad():
+        learner.token_prefix.zero_()
+    learner.reset_parameters()
+    assert torch.equal(learner.token_prefix, prefix)
+    # eval cache as for PromptLearner
+    learner.eval()
+    calls = learner.encode_calls
+    learner(), learner()
+    assert learner.encode_calls == calls + 1
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(prefix=torch.zeros(2, 2, 64)), r"prefix must be \[K, 1, W=64\].*got \(2, 2, 64\)"),
+        (dict(suffix=torch.zeros(3, 68, 64)), r"suffix must be \[K=2, S, W=64\].*got \(3, 68, 64\)"),
+        (dict(ctx=torch.zeros(2, 8, 32)), r"ctx must be .*got \(2, 8, 32\)"),
+        (dict(suffix=torch.zeros(2, 69, 64)), r"78 positions .* context length is 77"),
+        (dict(eot=torch.tensor([8, 12])), r"\[9, 77\).*\(0, 8\)"),
+        (dict(eot=torch.tensor([12])), r"shape \[K\]=\[2\]"),
+        (dict(eot=torch.tensor([12.0, 13.0])), r"integer tensor"),
+        (dict(position="left"), "position"),
+    ],
+)
+def test_stored_learner_bad_shapes(tower, change, match):
+    args = dict(prefix=torch.zeros(2, 1, 64), suffix=torch.zeros(2, 68, 64), ctx=torch.zeros(2, 8, 64),
+                eot=torch.tensor([12, 13]))
+    position = change.pop("position", "end")
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        StoredPromptLearner(tower, args["prefix"], args["suffix"], args["ctx"], args["eot"], position=position)
+
+
+def _release_fixtures() -> list:
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("FACELAYERS_RELEASE_FIXTURES", Path(__file__).parent / "data" / "ssm_release"))
+    return sorted(p for p in folder.glob("*.json") if p.with_suffix(".pth").is_file()) if folder.is_dir() else []
+
+
+def _load_release_state(path) -> dict:
+    """The fixture checkpoint's state dict through torch's weights-only unpickler (no code runs)."""
+    import numpy as np
+
+    class _Recorder:  # stands in for the release's main.RecorderMeter (data only)
+        pass
+
+    allowed = [(_Recorder, "main.RecorderMeter"), np.dtype, np.ndarray, np._core.multiarray._reconstruct,
+               type(np.dtype(np.float32))]
+    with torch.serialization.safe_globals(allowed):
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    sd = ck["state_dict"] if isinstance(ck, dict) and "state_dict" in ck else ck
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _release_text_reference(sd, prefix, ctx, suffix, token_ids, heads):
+    """The release's TextEncoder on its OpenAI-CLIP text transformer, written out in float64."""
+    g = {k: v.double() for k, v in sd.items() if k.startswith("text_encoder.")}
+    x = torch.cat([prefix, ctx, suffix], dim=1).double() + g["text_encoder.positional_embedding"]
+    n, length, w = x.shape
+    mask = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)
+    blocks = sorted({int(k.split(".")[3]) for k in g if ".resblocks." in k})
+    for b in blocks:
+        p = f"text_encoder.transformer.resblocks.{b}."
+        h = F.layer_norm(x, (w,), g[p + "ln_1.weight"], g[p + "ln_1.bias"])
+        q, k, v = (h @ g[p + "attn.in_proj_weight"].T + g[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
+        split = lambda t: t.reshape(n, length, heads, w // heads).transpose(1, 2)  # noqa: E731
+        att = (split(q) @ split(k).transpose(-1, -2)) / math.sqrt(w // heads) + mask
+        o = (att.softmax(-1) @ split(v)).transpose(1, 2).reshape(n, length, w)
+        x = x + o @ g[p + "attn.out_proj.weight"].T + g[p + "attn.out_proj.bias"]
+        h = F.layer_norm(x, (w,), g[p + "ln_2.weight"], g[p + "ln_2.bias"])
+        h = h @ g[p + "mlp.c_fc.weight"].T + g[p + "mlp.c_fc.bias"]
+        h = h * torch.sigmoid(1.702 * h)  # QuickGELU
+        x = x + h @ g[p + "mlp.c_proj.weight"].T + g[p + "mlp.c_proj.bias"]
+    x = F.layer_norm(x, (w,), g["text_encoder.ln_final.weight"], g["text_encoder.ln_final.bias"])
+    x = x[torch.arange(n), token_ids.argmax(dim=-1)] @ g["text_encoder.text_projection"]
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("meta_path", _release_fixtures(), ids=lambda p: p.stem)
+def test_stored_learner_reproduces_release_text_features(meta_path):
+    """Released checkpoint's prompt buffers + text tower -> the release's text features (both learners)."""
+    import json
+
+    meta = json.loads(meta_path.read_text())
+    arch = meta["clip_architecture_openai"]
+    sd = _load_release_state(meta_path.with_suffix(".pth"))
+    exp_texts, au_texts = facs.release_descriptions(meta["au_dataset"], meta["expression_dataset"])
+    heads = arch["transformer_heads"]
+    model = open_clip.CLIP(
+        embed_dim=arch["embed_dim"],
+        vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=1, head_width=64),
+        text_cfg=dict(context_length=arch["context_length"], vocab_size=arch["vocab_size"],
+                      width=arch["transformer_width"], heads=heads, layers=arch["transformer_layers"]),
+        quick_gelu=True,
+    ).eval()
+    text_sd = {k.removeprefix("text_encoder."): v for k, v in sd.items() if k.startswith("text_encoder.")}
+    missing, unexpected = model.load_state_dict(text_sd, strict=False)
+    assert not unexpected and all(k.startswith(("visual.", "token_embedding", "logit_scale")) for k in missing)
+    tower = CLIPTextTower.from_open_clip(model)
+    n_ctx = meta["prompt"]["n_ctx"]
+    for name, texts in (("prompt_learner1", exp_texts), ("prompt_learner2", au_texts)):
+        # the converter's path: build from the texts (EOT positions), then load the stored tensors
+        learner = StoredPromptLearner.from_descriptions(tower, texts, n_ctx=n_ctx)
+        own = {k: sd[f"{name}.{k}"] for k in ("ctx", "token_prefix", "token_suffix")}
+        learner.load_state_dict(own, strict=False)
+        ids = open_clip.tokenize([" ".join(["X"] * n_ctx) + " " + t for t in texts])
+        # the texts fit the checkpoint: equal token ids <=> equal stored embedding rows
+        suffix = own["token_suffix"]
+        for k in range(len(texts)):
+            same_ids = ids[k, 1 + n_ctx:, None] == ids[k, None, 1 + n_ctx:]
+            same_rows = (suffix[k, :, None] == suffix[k, None, :]).all(-1)
+            assert torch.equal(same_ids, same_rows), f"{name} text {k} {texts[k]!r} does not match the checkpoint"
+        assert torch.equal(learner.pool_index(), ids.argmax(dim=-1))
+        assert torch.equal(StoredPromptLearner.release_token_ids(tower, texts, n_ctx), ids)
+        ref = _release_text_reference(sd, own["token_prefix"], own["ctx"], own["token_suffix"], ids, heads)
+        got = learner.eval()()
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6, msg=f"{name} text features")
+        direct = PromptLearner.from_embeddings(tower, own["token_prefix"], own["token_suffix"], own["ctx"],
+                                               ids.argmax(dim=-1)).eval()
+        assert torch.equal(direct(), got)
+
+
+def test_text_prototypes_release_source(tower):
+    tsp = TextPrototypes(tower, facs.BP4D_AUS, facs.EXPRESSIONS_7, source="ssm_release", n_ctx=2)
+    exp, au = facs.release_descriptions("bp4d", "dfew")
+    assert list(tsp.expression_texts) == exp and list(tsp.au_texts) == au
+    assert "source='ssm_release'" in repr(tsp)
+    disfa = TextPrototypes(tower, facs.DISFA_AUS, facs.EXPRESSIONS_7, source="ssm_release", n_ctx=0)
+    assert list(disfa.expression_texts) == facs.release_descriptions("disfa", 7)[0]
+    with pytest.raises(ValueError, match="source"):
+        TextPrototypes(tower, facs.BP4D_AUS, facs.EXPRESSIONS_7, source="paper")
+
+
+def test_stored_learner_meta_construction(clip_model):
+    ref = StoredPromptLearner.from_descriptions(CLIPTextTower.from_open_clip(clip_model), DESCS, n_ctx=2,
+                                                position="middle").eval()
+    with torch.device("meta"):
+        meta_model = open_clip.CLIP(**tiny_clip_kwargs())
+        tower = CLIPTextTower.from_open_clip(meta_model)
+        learner = StoredPromptLearner(tower, torch.zeros(3, 1, 64), torch.zeros(3, 74, 64), torch.zeros(3, 2, 64),
+                                      ref.pool_index().tolist(), position="middle")
+    assert all(t.device.type == "meta" for t in [*learner.parameters(), *learner.buffers()])
+    learner.to_empty(device="cpu")
+    tower.load_state_dict(clip_model.state_dict(), strict=False)
+    learner.reset_parameters()  # restores the (non-persistent) eot / layout buffers
+    learner.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("tower.")}, strict=False)
+    assert torch.equal(learner.pool_index(), ref.pool_index())
+    assert torch.equal(learner.eval()(), ref())
+    with pytest.raises(ValueError, match="meta tensor"):
+        StoredPromptLearner(tower, torch.zeros(1, 1, 64), torch.zeros(1, 74, 64), torch.zeros(2, 64),
+                            torch.zeros(1, dtype=torch.long, device="meta"))

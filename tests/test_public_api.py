@@ -16,16 +16,21 @@ EXPECTED = {
     # facs
     "facs", "AU", "AUS", "BP4D_AUS", "DISFA_AUS", "EXPRESSIONS", "EXPRESSIONS_7", "EXPRESSIONS_11",
     "TABLE_S4_AUS", "Expression", "UnknownLabelError", "au_descriptions", "expression_descriptions",
-    "prior_matrix",
+    "prior_matrix", "release_descriptions", "check_descriptions",
     # MoE
     "MoEFFN", "moe_task_context", "moe_aux_loss", "moe_load_stats", "SSM_RELEASE_MOE_KWARGS",
     "inject_moe_", "map_pre_injection_state_dict", "load_pre_injection_state_dict",
-    "moe_parameter_groups", "grouped_expert_mlp",
+    "moe_parameter_groups", "grouped_expert_mlp", "TaskTopKRouter", "ReleaseMisroutedTopKRouter",
+    "RouterOutput", "TokenLayout", "GroupedExperts", "LEGACY_PARAMETER_NAMES", "MissingTaskIdsWarning",
+    "set_shared_activation_", "current_task_ids", "iter_moe_layers", "named_moe_layers",
+    "moe_task_state", "checkpoint_moe_blocks_",
     # text side
     "CLIPTextTower", "PromptLearner", "TextPrototypes", "DynamicPriorMapping", "LinearSemanticMapping",
-    "MLPSemanticMapping", "CosineClassifier",
+    "MLPSemanticMapping", "CosineClassifier", "ReleasePriorMapping", "build_prior_mapping",
+    "LinearCosineHead", "AUPairSmoothing", "StoredPromptLearner",
     # temporal, losses, metrics
-    "TemporalTransformer", "ClipTemporalHead", "FrameTemporalHead", "expression_loss", "au_loss",
+    "TemporalTransformer", "ClipTemporalHead", "FrameTemporalHead", "LocalFrameAttention",
+    "LocalFrameTemporalHead", "GatedClsTemporalHead", "expression_loss", "au_loss",
     "joint_loss", "au_f1", "au_auc", "per_class_recall", "uar", "war", "confusion_matrix",
     "tuned_au_f1", "AUMeter", "ExpressionMeter",
     # data
@@ -33,7 +38,9 @@ EXPECTED = {
     "HeterogeneousLoader", "ManifestError", "ManifestValidationError", "Split", "ValidationReport",
     "eval_transform", "get_split", "list_splits", "read_manifest", "segment_indices",
     "train_transform", "validate_manifest", "write_manifest", "SyntheticAUDataset",
-    "SyntheticExpressionDataset",
+    "SyntheticExpressionDataset", "parse_subject", "group_by_subject", "subject_split",
+    # training utilities
+    "ParameterEMA", "ClipMixup", "MovingMeanLossBalance", "mix_clips", "mixup_loss", "sigmoid_ramp",
 }
 
 

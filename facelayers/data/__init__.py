@@ -20,7 +20,7 @@ from .datasets import (
     segment_indices,
     split_runs,
 )
-from .loader import HeterogeneousLoader, fraction_indices, fraction_subset
+from .loader import HeterogeneousLoader, fraction_indices, fraction_subset, subject_split
 from .manifests import (
     FORMATS,
     SPLITS,
@@ -32,9 +32,11 @@ from .manifests import (
     Split,
     get_format,
     get_split,
+    group_by_subject,
     iter_manifest,
     list_splits,
     parse_frame_index,
+    parse_subject,
     read_manifest,
     write_manifest,
 )
@@ -92,16 +94,19 @@ __all__ = [
     "fraction_subset",
     "get_format",
     "get_split",
+    "group_by_subject",
     "iter_manifest",
     "list_frame_files",
     "list_splits",
     "load_frame",
     "natural_sort_key",
     "parse_frame_index",
+    "parse_subject",
     "read_manifest",
     "read_video_frames",
     "segment_indices",
     "split_runs",
+    "subject_split",
     "train_transform",
     "validate_manifest",
     "write_manifest",

@@ -5,8 +5,16 @@
 labelled frames of each :class:`~facelayers.data.AURecord` sequence into ``T``-frame windows that
 never span a missing frame number.
 
-Frames are decoded with PIL into float tensors in ``[0, 1]`` (``ToTensor`` semantics); expression
-clips may also be video files, decoded with PyAV (``av``, imported only when needed).
+Frames are float tensors in ``[0, 1]`` (``ToTensor`` semantics); expression clips may also be video
+files, decoded with PyAV (``av``, imported only when needed).
+
+Decoding (``fast_decode=True``, the default): a clip's frames go to the transform still encoded
+(:meth:`~facelayers.data.ClipTransform.apply_to_frames`), which crops and resizes them in uint8
+(JPEGs much larger than the crop at reduced scale, ``draft=True``) and converts to float once at
+output size; videos decode only up to the sampled frames, seeking to the keyframe before each one
+(:func:`decode_video_frames`). ``fast_decode=False`` is the reference: every frame decoded to float
+at full size (:func:`load_frame`, :func:`read_video_frames`), then the transform on the float clip.
+Same random draws either way; results agree to the tolerances in :mod:`~facelayers.data.transforms`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .manifests import AURecord, ExpressionRecord, PathLike, get_format, read_manifest
-from .transforms import ClipTransform
+from .transforms import ClipCompose, ClipTransform, FrameSizeMismatchError
 
 __all__ = [
     "AUClipDataset",
@@ -34,12 +42,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "au_windows",
+    "decode_video_frames",
     "list_frame_files",
     "load_frame",
     "natural_sort_key",
     "read_video_frames",
     "segment_indices",
     "split_runs",
+    "video_frame_count",
 ]
 
 #: File endings treated as frames inside an expression clip folder (case-insensitive).
@@ -114,6 +124,171 @@ def read_video_frames(path: PathLike) -> list[Tensor]:
     return frames
 
 
+def _import_av(path: PathLike) -> Any:
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is installed in the dev environment
+        raise ImportError(
+            f"decoding the video file {path} needs PyAV; install it with `pip install av`, "
+            "or extract the frames into a folder of images"
+        ) from e
+    return av
+
+
+def _packet_table(path: PathLike) -> tuple[list[int], list[int]] | None:
+    """Presentation times of the video stream's frames (sorted = display order) and of its keyframes.
+
+    Read from the container's packets without decoding. ``None`` when the table cannot identify
+    frames (a packet without a timestamp, two packets with the same one).
+    """
+    av = _import_av(path)
+    pts: list[int] = []
+    keys: list[int] = []
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            if packet.size == 0 and packet.pts is None:
+                continue  # end-of-stream flush packet
+            if packet.pts is None:
+                return None
+            if packet.is_discard:  # outside an edit list: the decoder drops it
+                continue
+            pts.append(int(packet.pts))
+            if packet.is_keyframe:
+                keys.append(int(packet.pts))
+    if len(set(pts)) != len(pts):
+        return None
+    return sorted(pts), sorted(keys)
+
+
+def _count_decoded(path: PathLike) -> int:
+    av = _import_av(path)
+    with av.open(os.fspath(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def video_frame_count(path: PathLike) -> int:
+    """Number of frames :func:`read_video_frames` would decode, read from the container's packet
+    table when it identifies every frame (no decoding), else by decoding the stream."""
+    table = _packet_table(path)
+    n = len(table[0]) if table is not None else _count_decoded(path)
+    if n == 0:
+        raise ValueError(f"no video frames decoded from {path}")
+    return n
+
+
+def _rgb_u8(frame: Any) -> Tensor:
+    return torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+
+
+def _decode_sequential(path: PathLike, need: list[int], stats: dict[str, int]) -> dict[int, Tensor]:
+    """Decode from the start, convert the frames in ``need`` (decode-order indices), stop after the last."""
+    av = _import_av(path)
+    out: dict[int, Tensor] = {}
+    wanted = set(need)
+    with av.open(os.fspath(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            stats["decoded"] += 1
+            if i in wanted:
+                out[i] = _rgb_u8(frame)
+                if len(out) == len(wanted):
+                    break
+    return out
+
+
+def _decode_seeking(
+    path: PathLike, need: list[int], pts: list[int], keys: list[int], stats: dict[str, int]
+) -> dict[int, Tensor] | None:
+    """Seek to the keyframe before each needed frame (unless already decoding towards it) and decode
+    up to it; frames are identified by presentation time. ``None`` if the decoder disagrees with the
+    packet table (a frame without or with an unknown timestamp, a seek past the target)."""
+    import bisect
+
+    av = _import_av(path)
+    index_of = {p: i for i, p in enumerate(pts)}
+    wanted = set(need)
+    out: dict[int, Tensor] = {}
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        frames = None
+        position: int | None = None  # presentation time of the last decoded frame
+        for i in need:
+            if i in out:
+                continue
+            target = pts[i]
+            k = bisect.bisect_right(keys, target) - 1
+            key = keys[k] if k >= 0 else pts[0]
+            if frames is None or position is None or key > position or position >= target:
+                container.seek(key, stream=stream, backward=True, any_frame=False)
+                stats["seeks"] += 1
+                frames = container.decode(stream)
+                position = None
+            for frame in frames:
+                stats["decoded"] += 1
+                if frame.pts is None or int(frame.pts) not in index_of:
+                    return None
+                p = int(frame.pts)
+                if position is None and p > target:
+                    return None  # the seek landed after the target
+                position = p
+                j = index_of[p]
+                if j in wanted and j not in out:
+                    out[j] = _rgb_u8(frame)
+                if p >= target:
+                    break
+            if i not in out:
+                return None
+    return out
+
+
+def decode_video_frames(
+    path: PathLike, indices: Sequence[int], *, stats: dict[str, int] | None = None
+) -> list[Tensor]:
+    """Decode only the frames ``indices`` of a video (fast path): RGB uint8 tensors ``[3, H, W]``.
+
+    Frame ``i`` is the ``i``-th frame :func:`read_video_frames` returns (display order), so
+    ``decode_video_frames(p, idx)[k].float() / 255`` equals ``read_video_frames(p)[idx[k]]``. When
+    the container's packets identify every frame by presentation time (mp4, mkv, webm, ...), the
+    decoder seeks to the keyframe before each needed frame and stops at it, so frames of skipped
+    GOPs and after the last needed frame are never decoded; otherwise it decodes from the start
+    and stops after the last needed frame. If the decoder and the packet table disagree, it falls
+    back to that sequential decode, so no frame is ever skipped or mislabelled.
+
+    Args:
+        path: Video file.
+        indices: Frame indices (any order, repeats allowed) in ``[0, video_frame_count(path))``.
+        stats: Optional dict that receives ``decoded`` (frames decoded) and ``seeks``.
+
+    Returns:
+        One tensor per entry of ``indices`` (a repeated index returns the same tensor object).
+
+    Raises:
+        IndexError: an index outside the video.
+    """
+    st = {"decoded": 0, "seeks": 0}
+    need = sorted({int(i) for i in indices})
+    if not need:
+        raise ValueError(f"decode_video_frames: expected at least one frame index, got {list(indices)!r}")
+    table = _packet_table(path)
+    n = len(table[0]) if table is not None else None
+    got: dict[int, Tensor] | None = None
+    if table is not None:
+        if need[0] < 0 or need[-1] >= len(table[0]):
+            raise IndexError(f"frame indices must be in [0, {len(table[0])}) for {path}, got {need[0]}..{need[-1]}")
+        got = _decode_seeking(path, need, table[0], table[1], st)
+    if got is None:
+        if need[0] < 0:
+            raise IndexError(f"frame indices must be >= 0, got {need[0]}")
+        got = _decode_sequential(path, need, st)
+        missing = [i for i in need if i not in got]
+        if missing:
+            total = n if n is not None else _count_decoded(path)
+            raise IndexError(f"frame indices must be in [0, {total}) for {path}, got {missing[0]}")
+    if stats is not None:
+        stats.update(st)
+    return [got[int(i)] for i in indices]
+
+
 def _stack(frames: list[Tensor], where: str) -> Tensor:
     shapes = {tuple(f.shape) for f in frames}
     if len(shapes) > 1:
@@ -127,6 +302,24 @@ def _apply_transform(transform: Callable | None, clip: Tensor, generator: torch.
     if isinstance(transform, ClipTransform):
         return transform(clip, generator)
     return transform(clip)
+
+
+def _fast_clip(
+    transform: Callable | None, frames: list[Any], generator: torch.Generator | None, where: str, draft: bool
+) -> Tensor:
+    """Fast path: encoded frames (paths or uint8 ``[3, H, W]``) -> transformed float clip.
+
+    A :class:`ClipTransform` (or no transform) runs through ``apply_to_frames``; any other callable
+    gets the float ``[0, 1]`` clip (decoded by the fast path, equal to the reference's).
+    """
+    t = transform if isinstance(transform, ClipTransform) else ClipCompose([])
+    try:
+        clip = t.apply_to_frames(frames, generator, draft=draft)
+    except FrameSizeMismatchError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if transform is not None and not isinstance(transform, ClipTransform):
+        clip = transform(clip)
+    return clip
 
 
 def _item_generator(seed: int | None, epoch: int, index: int) -> torch.Generator | None:
@@ -213,6 +406,10 @@ class ExpressionClipDataset(Dataset):
             over the manifest count, reading the last file for indices past the end (the released
             SSM loader's behaviour), and warns; ``"error"`` raises :class:`FrameCountMismatchError`.
         extensions: File endings counted as frames.
+        fast_decode: Decode through the fast path (uint8 geometry, one float conversion at output
+            size, sampled video frames only); ``False`` runs the float reference path. Same random
+            draws; see the module docstring for the tolerances.
+        draft: With ``fast_decode``, allow reduced-scale decoding of JPEGs much larger than the crop.
     """
 
     def __init__(
@@ -226,6 +423,8 @@ class ExpressionClipDataset(Dataset):
         seed: int | None = None,
         frame_count: Literal["disk", "manifest", "error"] = "disk",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        fast_decode: bool = True,
+        draft: bool = True,
     ) -> None:
         _check_num_frames(num_frames)
         if frame_count not in ("disk", "manifest", "error"):
@@ -244,8 +443,11 @@ class ExpressionClipDataset(Dataset):
         self.seed = seed
         self.frame_count = frame_count
         self.extensions = tuple(extensions)
+        self.fast_decode = bool(fast_decode)
+        self.draft = bool(draft)
         self.epoch = 0
         self._files: dict[int, list[str]] = {}
+        self._video_counts: dict[int, int] = {}
 
     @classmethod
     def from_manifest(cls, manifest: PathLike, format: str, root: PathLike, **kwargs: Any) -> ExpressionClipDataset:
@@ -287,8 +489,15 @@ class ExpressionClipDataset(Dataset):
         """Frame indices (into the sorted frame list) that item ``index`` reads."""
         rec = self.records[index]
         src = self.root / rec.path
-        n = len(self._video(src)) if self._is_video(src) else self._resolve_count(rec, len(self.frame_files(index)), src)
+        n = self._video_count(index, src) if self._is_video(src) else self._resolve_count(rec, len(self.frame_files(index)), src)
         return segment_indices(n, self.num_frames, self.train, generator)
+
+    def _video_count(self, index: int, src: Path) -> int:
+        if not self.fast_decode:
+            return len(read_video_frames(src))
+        if index not in self._video_counts:
+            self._video_counts[index] = video_frame_count(src)
+        return self._video_counts[index]
 
     def _is_video(self, src: Path) -> bool:
         return src.is_file() and src.suffix.lower() in VIDEO_EXTENSIONS
@@ -303,10 +512,20 @@ class ExpressionClipDataset(Dataset):
         rec = self.records[index]
         g = _item_generator(self.seed, self.epoch, index)
         src = self.root / rec.path
-        if self._is_video(src):
-            frames = self._video(src)
-            idx = segment_indices(len(frames), self.num_frames, self.train, g)
-            chosen = [frames[i] for i in idx]
+        if self.fast_decode:
+            if self._is_video(src):
+                idx = segment_indices(self._video_count(index, src), self.num_frames, self.train, g)
+                frames: list[Any] = decode_video_frames(src, idx)
+            else:
+                files = self.frame_files(index)
+                n = self._resolve_count(rec, len(files), src)
+                idx = segment_indices(n, self.num_frames, self.train, g)
+                frames = [src / files[min(i, len(files) - 1)] for i in idx]
+            clip = _fast_clip(self.transform, frames, g, f"frames of {src}", self.draft)
+        elif self._is_video(src):
+            video = self._video(src)
+            idx = segment_indices(len(video), self.num_frames, self.train, g)
+            clip = _apply_transform(self.transform, _stack([video[i] for i in idx], str(src)), g)
         else:
             files = self.frame_files(index)
             n = self._resolve_count(rec, len(files), src)
@@ -318,13 +537,13 @@ class ExpressionClipDataset(Dataset):
                 if j not in cache:
                     cache[j] = load_frame(src / files[j])
                 chosen.append(cache[j])
-        clip = _apply_transform(self.transform, _stack(chosen, str(src)), g)
+            clip = _apply_transform(self.transform, _stack(chosen, str(src)), g)
         return {"clip": clip, "label": torch.tensor(rec.label, dtype=torch.long), "index": index}
 
     def __repr__(self) -> str:
         return (
             f"ExpressionClipDataset(clips={len(self)}, root={str(self.root)!r}, num_frames={self.num_frames}, "
-            f"train={self.train}, frame_count={self.frame_count!r})"
+            f"train={self.train}, frame_count={self.frame_count!r}, fast_decode={self.fast_decode})"
         )
 
 
@@ -462,6 +681,7 @@ class AUClipDataset(Dataset):
         transform: Applied to the clip (a :class:`ClipTransform` gets the item's generator).
         eval_cover: One window per labelled frame (as centre).
         seed: As in :class:`ExpressionClipDataset`.
+        fast_decode, draft: As in :class:`ExpressionClipDataset`.
 
     Raises:
         ValueError: duplicate ``(sequence, frame_index)``, labels of different lengths, bad args.
@@ -479,6 +699,8 @@ class AUClipDataset(Dataset):
         transform: Callable[..., Tensor] | None = None,
         eval_cover: bool = False,
         seed: int | None = None,
+        fast_decode: bool = True,
+        draft: bool = True,
     ) -> None:
         _check_num_frames(num_frames)
         stride = num_frames if stride is None else stride
@@ -505,6 +727,8 @@ class AUClipDataset(Dataset):
         self.transform = transform
         self.eval_cover = eval_cover
         self.seed = seed
+        self.fast_decode = bool(fast_decode)
+        self.draft = bool(draft)
         self.epoch = 0
         self.num_labels = int(m or 0)
         # runs: lists of records with consecutive frame numbers; windows: (run id, anchor, jitter)
@@ -555,13 +779,17 @@ class AUClipDataset(Dataset):
         index = index % len(self)
         g = _item_generator(self.seed, self.epoch, index)
         recs, mask = self.window_frames(index, g)
-        cache: dict[str, Tensor] = {}
-        frames = []
-        for r in recs:
-            if r.path not in cache:
-                cache[r.path] = load_frame(self.root / r.path)
-            frames.append(cache[r.path])
-        clip = _apply_transform(self.transform, _stack(frames, f"sequence {recs[0].sequence!r}"), g)
+        where = f"sequence {recs[0].sequence!r}"
+        if self.fast_decode:
+            clip = _fast_clip(self.transform, [self.root / r.path for r in recs], g, f"frames of {where}", self.draft)
+        else:
+            cache: dict[str, Tensor] = {}
+            frames = []
+            for r in recs:
+                if r.path not in cache:
+                    cache[r.path] = load_frame(self.root / r.path)
+                frames.append(cache[r.path])
+            clip = _apply_transform(self.transform, _stack(frames, where), g)
         if self.label_mode == "center":
             labels = torch.tensor(recs[self.num_frames // 2].labels, dtype=torch.float32)
         else:
@@ -572,5 +800,5 @@ class AUClipDataset(Dataset):
         return (
             f"AUClipDataset(windows={len(self)}, frames={len(self.records)}, runs={len(self.runs)}, "
             f"num_frames={self.num_frames}, label_mode={self.label_mode!r}, stride={self.stride}, "
-            f"train={self.train}, eval_cover={self.eval_cover})"
+            f"train={self.train}, eval_cover={self.eval_cover}, fast_decode={self.fast_decode})"
         )

@@ -4,18 +4,21 @@ The paper trains on heterogeneous datasets by sampling "one batch from each task
 step" (Sec. IV-B). :class:`HeterogeneousLoader` does that: an epoch lasts as long as the longer
 loader, the shorter one restarts when exhausted, and either side can be subsampled to a fraction
 of its dataset (the paper's data-scaling study) in a way that survives ``DistributedSampler``.
+:func:`subject_split` carves a subject-independent validation split from AU training records.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-__all__ = ["HeterogeneousLoader", "fraction_indices", "fraction_subset"]
+from .manifests import AURecord, group_by_subject
+
+__all__ = ["HeterogeneousLoader", "fraction_indices", "fraction_subset", "subject_split"]
 
 
 def _check_fraction(fraction: float, name: str) -> float:
@@ -47,6 +50,52 @@ def fraction_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset
     if not isinstance(dataset, Sized):
         raise TypeError(f"fraction_subset needs a dataset with len(), got {type(dataset).__name__}")
     return Subset(dataset, fraction_indices(len(dataset), fraction, seed))
+
+
+def subject_split(
+    records: Iterable[AURecord], val_fraction: float, seed: int = 0, *, format: str | None = None
+) -> tuple[list[AURecord], list[AURecord]]:
+    """Split AU records by person: no subject has records on both sides.
+
+    Subjects (:attr:`AURecord.subject`, see :func:`facelayers.data.group_by_subject`) are sorted,
+    ``k = min(n - 1, max(1, round(val_fraction * n)))`` of the ``n`` subjects are drawn with a
+    seeded permutation (``torch.randperm`` with ``seed``; the same on every platform and process)
+    and all their records go to validation.
+
+    Args:
+        records: AU records, e.g. ``read_manifest(train_list, "bp4d")``.
+        val_fraction: Fraction of the *subjects* held out, in (0, 1).
+        seed: Seed of the draw.
+        format: ``"bp4d"``/``"disfa"`` to parse subjects of hand-built records (``subject=None``).
+
+    Returns:
+        ``(train_records, val_records)``, each in input order.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1), fewer than 2 subjects, or a record without a
+            subject (see :func:`facelayers.data.group_by_subject`).
+
+    Examples::
+
+        >>> train, val = subject_split(read_manifest("splits/bp4d/train_1f_data.list", "bp4d"), 0.15, seed=0)
+        >>> {r.subject for r in train}.isdisjoint(r.subject for r in val)
+        True
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a number in (0, 1) (expected e.g. 0.15, got {val_fraction!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    records = list(records)
+    groups = group_by_subject(records, format)
+    subjects = list(groups)
+    n = len(subjects)
+    if n < 2:
+        raise ValueError(f"a subject split needs at least 2 subjects (expected >= 2, got {n}: {subjects})")
+    k = min(n - 1, max(1, int(round(val_fraction * n))))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {subjects[i] for i in perm[:k]}
+    val_ids = {id(r) for s in held_out for r in groups[s]}
+    return [r for r in records if id(r) not in val_ids], [r for r in records if id(r) in val_ids]
 
 
 def _rebuild_with_subset(loader: DataLoader, fraction: float, seed: int, side: str) -> DataLoader:

@@ -14,12 +14,29 @@ OpenAI CLIP mean/std by default (pass ``mean=``/``std=`` to change it).
 
 torchvision ``transforms.v2`` transforms called on a ``[T, C, H, W]`` tensor also draw once per
 call, so they can be used in :class:`ClipCompose` as well (they ignore the generator).
+
+Two ways to run a transform (same random draws, same generator consumption):
+
+* ``transform(clip, generator)`` on a float clip: the **reference** path (every op in float at the
+  frame's full size), kept as the specification the fast path is tested against.
+* ``transform.apply_to_frames(frames, generator)`` on encoded frames (image files or uint8
+  ``[3, H, W]`` tensors, e.g. decoded video frames): the **fast** path. The leading geometric
+  transforms (random resized crop, resize, centre crop, flips) run on uint8 frames, JPEG files much
+  larger than the crop are decoded at reduced scale (libjpeg DCT scaling through PIL's
+  ``Image.draft``, with the crop box mapped into the reduced grid), and the frames are converted to
+  float once, at output size, with the pointwise ops that follow (brightness jitter, normalisation)
+  folded into that conversion. Results equal the reference up to uint8 rounding of the resize
+  (:data:`FAST_PATH_ATOL`) or, with reduced-scale decoding, up to the different decimation filter
+  (:data:`DRAFT_MEAN_ATOL`); see ``docs/data.md``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -37,13 +54,39 @@ __all__ = [
     "ClipRandomResizedCrop",
     "ClipResize",
     "ClipTransform",
+    "DRAFT_MEAN_ATOL",
+    "FAST_PATH_ATOL",
+    "FrameSizeMismatchError",
+    "FrameSource",
+    "JPEG_DRAFT_MARGIN",
     "eval_transform",
+    "load_frame_uint8",
     "train_transform",
 ]
 
 #: OpenAI CLIP image normalisation (open_clip ``OPENAI_DATASET_MEAN``/``STD``).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+#: Fast path vs reference, no reduced-scale decoding: largest difference of a pixel in ``[0, 1]``
+#: units *before* the affine ops that follow the geometry (multiply by ``brightness / std`` for the
+#: bound after them). The only source of difference is the uint8 rounding of the resize.
+FAST_PATH_ATOL: float = 1.0 / 255.0
+#: Fast path with reduced-scale JPEG decoding vs reference: bound on the MEAN absolute difference in
+#: ``[0, 1]`` units before the affine ops (the decimation filter differs: libjpeg's scaled IDCT plus
+#: a short bilinear step instead of one wide triangle filter), for smooth, face-like content.
+DRAFT_MEAN_ATOL: float = 2.0 / 255.0
+#: A JPEG is decoded at scale ``1/s`` (``s`` in 2, 4, 8) only if the crop box, so reduced, still has
+#: at least ``JPEG_DRAFT_MARGIN`` times the output's pixels along each side (the last step is then
+#: a downscale by at least this factor, never an upscale).
+JPEG_DRAFT_MARGIN: float = 1.0
+
+class FrameSizeMismatchError(ValueError):
+    """The frames of one clip have different sizes."""
+
+
+#: One encoded frame: a path to an image file, or an RGB uint8 tensor ``[3, H, W]`` (any strides).
+FrameSource = Union[str, "os.PathLike[str]", Tensor]
 
 
 def _check_clip(clip: Tensor, who: str) -> None:
@@ -81,17 +124,165 @@ def _randint(g: torch.Generator | None, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=g))
 
 
+# ----------------------------------------------------------------------------------------------
+# geometric steps: what a geometric transform does to a clip once its random draw is made. The
+# float reference and the uint8 fast path apply the same steps, so both make the same draws.
+
+
+@dataclass(frozen=True)
+class _ResizedCrop:
+    """Integer crop ``(top, left, height, width)`` of the current grid, then (optionally) resize."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: tuple[int, int] | None  # None: crop only (may pad with zeros outside the frame)
+    antialias: bool = True
+
+    def apply(self, clip: Tensor) -> Tensor:
+        if self.size is None:
+            return F.crop(clip, self.top, self.left, self.height, self.width)
+        return F.resized_crop(clip, self.top, self.left, self.height, self.width, list(self.size), antialias=self.antialias)
+
+    def out_size(self) -> tuple[int, int]:
+        return self.size if self.size is not None else (self.height, self.width)
+
+
+@dataclass(frozen=True)
+class _Resize:
+    """Resize to ``(height, width)``; ``spec`` is the size as given to torchvision."""
+
+    spec: tuple[int, ...]
+    height: int
+    width: int
+    antialias: bool = True
+
+    def apply(self, clip: Tensor) -> Tensor:
+        return F.resize(clip, list(self.spec), antialias=self.antialias)
+
+    def out_size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+
+@dataclass(frozen=True)
+class _Flip:
+    """Horizontal flip (the coin was heads)."""
+
+    size: tuple[int, int]
+
+    def apply(self, clip: Tensor) -> Tensor:
+        return F.hflip(clip)
+
+    def out_size(self) -> tuple[int, int]:
+        return self.size
+
+
+_Step = Union[_ResizedCrop, _Resize, _Flip, "_CenterCropPad"]
+
+
+def _resized_size(height: int, width: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """Output ``(h, w)`` of torchvision's resize: int -> shorter side ``size``, long side truncated."""
+    if not isinstance(size, int):
+        return size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+@dataclass
+class _SourceMap:
+    """Where the output of a list of steps comes from in the source frame (for reduced-scale decoding).
+
+    ``box`` is the source region (float pixel edges) that the output grid covers, ``extent`` the
+    integer region the resample may read (the reference crops to it before resizing), ``scale``
+    the source pixels per output pixel of the one resample, ``flip`` whether the output is mirrored.
+    """
+
+    box: tuple[float, float, float, float]
+    extent: tuple[int, int, int, int]
+    out: tuple[int, int]
+    scale: tuple[float, float]
+    flip: bool
+
+
+def _source_map(steps: Sequence[_Step], height: int, width: int) -> _SourceMap | None:
+    """Fold ``steps`` into one resample of a source box, or ``None`` when that is not exact
+    (no resample, two resamples, a crop that pads)."""
+    x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+    extent = (0, 0, width, height)
+    h, w = height, width
+    flip = False
+    resampled = False
+    for st in steps:
+        if isinstance(st, _Flip):
+            flip = not flip
+            continue
+        if not isinstance(st, (_ResizedCrop, _Resize)):
+            return None
+        if isinstance(st, _ResizedCrop):
+            if st.top < 0 or st.left < 0 or st.top + st.height > h or st.left + st.width > w:
+                return None
+            sx, sy = (x1 - x0) / w, (y1 - y0) / h
+            left = w - st.left - st.width if flip else st.left
+            x0, y0 = x0 + left * sx, y0 + st.top * sy
+            x1, y1 = x0 + st.width * sx, y0 + st.height * sy
+            if not resampled:
+                extent = (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
+            h, w = st.height, st.width
+            if st.size is None:
+                continue
+            target = st.size
+        else:
+            target = (st.height, st.width)
+        if resampled:
+            return None
+        resampled = True
+        h, w = target
+    if not resampled:
+        return None
+    return _SourceMap((x0, y0, x1, y1), extent, (h, w), ((x1 - x0) / w, (y1 - y0) / h), flip)
+
+
 class ClipTransform:
-    """Base class: ``__call__(clip [T, C, H, W], generator=None) -> clip``, one random draw per call."""
+    """Base class: ``__call__(clip [T, C, H, W], generator=None) -> clip``, one random draw per call.
+
+    :meth:`apply_to_frames` runs the same transform on encoded frames (the fast path); the base
+    class runs it as a one-element :class:`ClipCompose`.
+    """
 
     def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def apply_to_frames(
+        self, frames: Sequence[FrameSource], generator: torch.Generator | None = None, *, draft: bool = True
+    ) -> Tensor:
+        """Decode ``frames`` and transform them as one clip: float ``[T, 3, h, w]``.
+
+        Same random draws as ``self(clip, generator)`` on the float clip of the decoded frames;
+        see :meth:`ClipCompose.apply_to_frames`.
+        """
+        return ClipCompose([self]).apply_to_frames(frames, generator, draft=draft)
 
     def extra_repr(self) -> str:
         return ""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class _GeometricTransform(ClipTransform):
+    """A transform made of :data:`_Step` s (crop / resize / flip): the fast path runs it in uint8."""
+
+    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+        """Make this call's random draw for a ``height x width`` frame and return the steps."""
+        raise NotImplementedError
+
+    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_clip(clip, type(self).__name__)
+        for st in self.steps(clip.shape[-2], clip.shape[-1], generator):
+            clip = st.apply(clip)
+        return clip
 
 
 class ClipCompose(ClipTransform):
@@ -108,12 +299,50 @@ class ClipCompose(ClipTransform):
             clip = t(clip, generator) if isinstance(t, ClipTransform) else t(clip)
         return clip
 
+    def _flat(self) -> list[Callable[..., Tensor]]:
+        out: list[Callable[..., Tensor]] = []
+        for t in self.transforms:
+            out.extend(t._flat() if isinstance(t, ClipCompose) else [t])
+        return out
+
+    def apply_to_frames(
+        self, frames: Sequence[FrameSource], generator: torch.Generator | None = None, *, draft: bool = True
+    ) -> Tensor:
+        """Fast path: decode ``frames`` (files or uint8 ``[3, H, W]`` tensors) and transform them as a clip.
+
+        Equivalent to ``self(torch.stack([load_frame(f) for f in frames]), generator)`` (the float
+        reference, same random draws in the same order) up to :data:`FAST_PATH_ATOL` per pixel
+        before the affine ops; with ``draft=True`` JPEG frames much larger than the crop are decoded
+        at reduced scale (mean difference :data:`DRAFT_MEAN_ATOL`, see the module docstring).
+
+        Stages: (1) the leading geometric transforms (:class:`ClipRandomResizedCrop`,
+        :class:`ClipResize`, :class:`ClipCenterCrop`, :class:`ClipRandomHorizontalFlip`) draw
+        their parameters from the frame size read in the file headers, and run on uint8 frames;
+        (2) one conversion to float at output size, with the leading pointwise transforms
+        (:class:`ClipNormalize`, brightness-only :class:`ClipColorJitter`) folded into it;
+        (3) everything else as in the reference, on the float clip. A frame repeated in ``frames``
+        is decoded once.
+
+        Args:
+            frames: ``T`` frame sources: image paths or RGB uint8 tensors ``[3, H, W]`` of one size.
+            generator: RNG for the random draws (as for ``__call__``).
+            draft: Allow reduced-scale JPEG decoding (``False``: differences only from rounding).
+
+        Returns:
+            Float clip ``[T, 3, h, w]`` (contiguous).
+
+        Examples::
+
+            >>> clip = train_transform(224).apply_to_frames(paths, torch.Generator().manual_seed(0))
+        """
+        return _run_fast(self._flat(), frames, generator, draft)
+
     def __repr__(self) -> str:
         inner = "".join(f"\n  {t!r}," for t in self.transforms)
         return f"ClipCompose([{inner}\n])"
 
 
-class ClipResize(ClipTransform):
+class ClipResize(_GeometricTransform):
     """Resize every frame: ``size`` int -> shorter side to ``size`` (aspect kept); (h, w) -> exact."""
 
     def __init__(self, size: int | Sequence[int], antialias: bool = True) -> None:
@@ -125,30 +354,47 @@ class ClipResize(ClipTransform):
             self.size = _size2(size)
         self.antialias = antialias
 
-    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_clip(clip, "ClipResize")
-        size = [self.size] if isinstance(self.size, int) else list(self.size)
-        return F.resize(clip, size, antialias=self.antialias)
+    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+        spec = (self.size,) if isinstance(self.size, int) else tuple(self.size)
+        h, w = _resized_size(height, width, self.size)
+        return [_Resize(spec, h, w, self.antialias)]
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
 
 
-class ClipCenterCrop(ClipTransform):
+class ClipCenterCrop(_GeometricTransform):
     """Crop the central ``size`` region of every frame (zero-padded if the frame is smaller)."""
 
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = _size2(size)
 
-    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_clip(clip, "ClipCenterCrop")
-        return F.center_crop(clip, list(self.size))
+    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+        ch, cw = self.size
+        if ch > height or cw > width:  # torchvision pads, then crops: keep its exact call
+            return [_CenterCropPad(self.size, (height, width))]
+        top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+        return [_ResizedCrop(top, left, ch, cw, None)]
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
 
 
-class ClipRandomResizedCrop(ClipTransform):
+@dataclass(frozen=True)
+class _CenterCropPad:
+    """``F.center_crop`` of a crop larger than the frame (zero padding); never folded."""
+
+    size: tuple[int, int]
+    frame: tuple[int, int]
+
+    def apply(self, clip: Tensor) -> Tensor:
+        return F.center_crop(clip, list(self.size))
+
+    def out_size(self) -> tuple[int, int]:
+        return self.size
+
+
+class ClipRandomResizedCrop(_GeometricTransform):
     """Random area/aspect crop resized to ``size``; one box per clip (torchvision's sampling rule).
 
     Args:
@@ -192,16 +438,15 @@ class ClipRandomResizedCrop(ClipTransform):
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_clip(clip, "ClipRandomResizedCrop")
-        top, left, h, w = self.get_params(clip.shape[-2], clip.shape[-1], generator)
-        return F.resized_crop(clip, top, left, h, w, list(self.size), antialias=self.antialias)
+    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+        top, left, h, w = self.get_params(height, width, generator)
+        return [_ResizedCrop(top, left, h, w, self.size, self.antialias)]
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
 
 
-class ClipRandomHorizontalFlip(ClipTransform):
+class ClipRandomHorizontalFlip(_GeometricTransform):
     """Flip every frame left-right with probability ``p`` (one coin per clip)."""
 
     def __init__(self, p: float = 0.5) -> None:
@@ -209,11 +454,8 @@ class ClipRandomHorizontalFlip(ClipTransform):
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.p = p
 
-    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_clip(clip, "ClipRandomHorizontalFlip")
-        if float(torch.rand((), generator=generator)) < self.p:
-            return F.hflip(clip)
-        return clip
+    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+        return [_Flip((height, width))] if float(torch.rand((), generator=generator)) < self.p else []
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -234,6 +476,11 @@ class ClipColorJitter(ClipTransform):
         if not 0.0 <= hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {hue}")
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    @property
+    def pointwise(self) -> bool:
+        """True when only brightness is jittered (each pixel then depends on itself only)."""
+        return self.contrast == 0 and self.saturation == 0 and self.hue == 0
 
     def get_params(self, generator: torch.Generator | None = None) -> tuple[list[int], list[float | None]]:
         """Draw ``(order, [brightness, contrast, saturation, hue])`` (``None`` = not applied)."""
@@ -303,8 +550,7 @@ class ClipRandomErasing(ClipTransform):
                 return _randint(generator, 0, height - h), _randint(generator, 0, width - w), h, w
         return None
 
-    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_clip(clip, "ClipRandomErasing")
+    def _erase(self, clip: Tensor, generator: torch.Generator | None, inplace: bool) -> Tensor:
         box = self.get_params(clip.shape[-2], clip.shape[-1], generator)
         if box is None:
             return clip
@@ -317,9 +563,13 @@ class ClipRandomErasing(ClipTransform):
             if len(vals) != c:
                 raise ValueError(f"ClipRandomErasing: value has {len(vals)} channels, clip has {c}")
             fill = torch.tensor(vals, dtype=clip.dtype).view(c, 1, 1).expand(c, h, w)
-        out = clip.clone()
+        out = clip if inplace else clip.clone()
         out[:, :, top : top + h, left : left + w] = fill.to(clip.device)
         return out
+
+    def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_clip(clip, "ClipRandomErasing")
+        return self._erase(clip, generator, inplace=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, scale={self.scale}, ratio={self.ratio}, value={self.value!r}"
@@ -346,6 +596,228 @@ class ClipNormalize(ClipTransform):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"
+
+
+# ----------------------------------------------------------------------------------------------
+# fast path: encoded frames -> uint8 geometry -> one float conversion -> the rest
+
+
+class _Source:
+    """One unique frame source: header read on construction, decoded by ``hwc()`` or ``draft_hwc()``."""
+
+    def __init__(self, frame: FrameSource) -> None:
+        self.tensor: Tensor | None = None
+        self.image = None
+        self.path: str | None = None
+        self.jpeg = False
+        if isinstance(frame, Tensor):
+            if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[0] != 3:
+                raise ValueError(
+                    f"a frame tensor must be RGB uint8 [3, H, W] (expected uint8 [3, H, W], "
+                    f"got {frame.dtype} {tuple(frame.shape)})"
+                )
+            self.tensor = frame
+            self.size = (int(frame.shape[1]), int(frame.shape[2]))
+            return
+        from PIL import Image
+
+        self.path = os.fspath(frame)
+        try:
+            self.image = Image.open(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"frame image not found: {self.path}") from None
+        self.size = (self.image.height, self.image.width)
+        self.jpeg = self.image.format == "JPEG" and self.image.mode in ("RGB", "L")
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+
+    def hwc(self, rgbx: bool = False) -> Any:
+        """The full-size frame as a uint8 numpy array ``[H, W, 3]`` (decoded by PIL, as :func:`load_frame`),
+        possibly a read-only view; ``rgbx=True`` gives ``[H, W, 4]`` with a padding 4th channel for
+        file frames (PIL stores RGB as RGBX, so this skips a repacking copy)."""
+        import numpy as np
+
+        if self.tensor is not None:
+            return self.tensor.permute(1, 2, 0).numpy()
+        im = self.image
+        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        rgb.load()
+        if rgbx:
+            return np.frombuffer(rgb.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(rgb.height, rgb.width, 4)
+        return np.asarray(rgb, dtype=np.uint8)
+
+    def draft_hwc(self, smap: _SourceMap, scale: int) -> Any:
+        """Decode at ``1/scale`` and resample ``smap.box`` to ``smap.out``: uint8 ``[h, w, 4]`` (RGBX, not flipped)."""
+        import numpy as np
+        from PIL import Image
+
+        im = self.image
+        H, W = self.size
+        got = im.draft("RGB", (max(1, W // scale), max(1, H // scale)))
+        sx, sy = (W / got[1][2], H / got[1][3]) if got is not None else (1.0, 1.0)
+        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        rgb.load()
+        ex = smap.extent
+        e0, e1 = max(0, math.floor(ex[0] / sx)), max(0, math.floor(ex[1] / sy))
+        e2, e3 = min(rgb.width, math.ceil(ex[2] / sx)), min(rgb.height, math.ceil(ex[3] / sy))
+        sub = rgb.crop((e0, e1, e2, e3))
+        b = smap.box
+        box = (b[0] / sx - e0, b[1] / sy - e1, b[2] / sx - e0, b[3] / sy - e1)
+        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(sub.width), box[2]), min(float(sub.height), box[3]))
+        out = sub.resize((smap.out[1], smap.out[0]), Image.Resampling.BILINEAR, box=box)
+        return np.frombuffer(out.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(out.height, out.width, 4)
+
+
+def load_frame_uint8(path: FrameSource) -> Tensor:
+    """Decode one image file with PIL to an RGB uint8 tensor ``[3, H, W]`` (channels-last strides).
+
+    ``load_frame_uint8(p).float() / 255`` equals the reference :func:`~facelayers.data.load_frame`.
+    """
+    import numpy as np
+
+    src = _Source(path)
+    try:
+        return torch.from_numpy(np.array(src.hwc(), dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    finally:
+        src.close()
+
+
+def _draft_scale(smap: _SourceMap | None, sources: Sequence[_Source]) -> int:
+    if smap is None or not all(s.jpeg and s.path is not None for s in sources):
+        return 1
+    room = min(smap.scale) / JPEG_DRAFT_MARGIN
+    for s in (8, 4, 2):
+        if room >= s:
+            return s
+    return 1
+
+
+def _decode_geometry(sources: Sequence[_Source], steps: Sequence[Any], height: int, width: int, draft: bool) -> Tensor:
+    """Decode the unique frames and run the geometric steps in uint8: ``[U, 3, h, w]`` (any strides)."""
+    import numpy as np
+
+    smap = _source_map(steps, height, width) if draft else None
+    scale = _draft_scale(smap, sources)
+    if scale > 1:
+        assert smap is not None
+        clip = torch.from_numpy(np.stack([s.draft_hwc(smap, scale) for s in sources])).permute(0, 3, 1, 2)
+        return (_hflip_u8(clip) if smap.flip else clip)[:, :3]
+    steps = list(steps)
+    rows, cols = slice(None), slice(None)
+    first = steps[0] if steps else None
+    if isinstance(first, _ResizedCrop) and first.top >= 0 and first.left >= 0:
+        if first.top + first.height <= height and first.left + first.width <= width:
+            # crop before stacking: only the crop box is copied (resized_crop == crop, then resize)
+            rows = slice(first.top, first.top + first.height)
+            cols = slice(first.left, first.left + first.width)
+            steps[0] = _Resize(first.size, *first.size, first.antialias) if first.size is not None else None
+    rgbx = all(s.tensor is None for s in sources)
+    clip = torch.from_numpy(np.stack([s.hwc(rgbx)[rows, cols] for s in sources])).permute(0, 3, 1, 2)
+    for st in steps:
+        if isinstance(st, _Flip):
+            clip = _hflip_u8(clip)
+        elif st is not None:
+            clip = st.apply(clip)  # a 4th (padding) channel is resized along, never read
+    return clip[:, :3]
+
+
+def _hflip_u8(clip: Tensor) -> Tensor:
+    """``F.hflip`` of a uint8 clip; a channels-last RGBX clip is flipped as one int32 per pixel."""
+    hwc = clip.permute(0, 2, 3, 1)
+    if clip.dtype == torch.uint8 and clip.shape[1] == 4 and hwc.is_contiguous():
+        return hwc.view(torch.int32).flip(-2).view(torch.uint8).permute(0, 3, 1, 2)
+    return F.hflip(clip)
+
+
+def _fold_pointwise(
+    transforms: Sequence[Callable[..., Tensor]], generator: torch.Generator | None, channels: int
+) -> tuple[int, list[list[float]] | None]:
+    """Fold the leading normalise / brightness transforms into ``clamp(a * x + b, lo, hi)`` per channel.
+
+    ``x`` is the uint8 value; returns how many transforms were folded and ``[a, b, lo, hi]`` (or
+    ``None`` when none). The jitter's draw is made here, in its turn, as its ``__call__`` would.
+    """
+    a, b = [1.0 / 255.0] * channels, [0.0] * channels
+    lo, hi = [-math.inf] * channels, [math.inf] * channels
+    n = 0
+    for t in transforms:
+        if isinstance(t, ClipNormalize) and len(t.mean) == channels:
+            for c in range(channels):
+                m, s = t.mean[c], t.std[c]
+                a[c], b[c], lo[c], hi[c] = a[c] / s, (b[c] - m) / s, (lo[c] - m) / s, (hi[c] - m) / s
+        elif isinstance(t, ClipColorJitter) and t.pointwise:
+            f = t.get_params(generator)[1][0]
+            if f is not None:
+                for c in range(channels):
+                    a[c], b[c] = a[c] * f, b[c] * f
+                    lo[c] = max(lo[c] * f if lo[c] != -math.inf else -math.inf, 0.0)
+                    hi[c] = min(hi[c] * f if hi[c] != math.inf else math.inf, 1.0)
+        else:
+            break
+        n += 1
+    return n, ([a, b, lo, hi] if n else None)
+
+
+def _run_fast(
+    transforms: Sequence[Callable[..., Tensor]], frames: Sequence[FrameSource], generator: torch.Generator | None, draft: bool
+) -> Tensor:
+    if isinstance(frames, (str, os.PathLike, Tensor)) or len(frames) == 0:
+        raise ValueError(f"apply_to_frames: expected a non-empty sequence of frames, got {frames!r:.80}")
+    order: list[int] = []
+    unique: list[FrameSource] = []
+    seen: dict[Any, int] = {}
+    for f in frames:
+        key = ("t", id(f)) if isinstance(f, Tensor) else ("p", os.fspath(f))
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(f)
+        order.append(seen[key])
+    sources: list[_Source] = []
+    try:
+        for f in unique:
+            sources.append(_Source(f))
+        sizes = {s.size for s in sources}
+        if len(sizes) > 1:
+            raise FrameSizeMismatchError(f"frames have different sizes {sorted(sizes)}; resize them to one size")
+        height, width = sizes.pop()
+        steps: list[Any] = []
+        h, w, i = height, width, 0
+        while i < len(transforms) and isinstance(transforms[i], _GeometricTransform):
+            for st in transforms[i].steps(h, w, generator):
+                steps.append(st)
+                h, w = st.out_size()
+            i += 1
+        clip8 = _decode_geometry(sources, steps, height, width, draft)
+    finally:
+        for s in sources:
+            s.close()
+    if len(unique) != len(frames):
+        clip8 = clip8[torch.tensor(order)]
+    rest = transforms[i:]
+    n, coef = _fold_pointwise(rest, generator, clip8.shape[1])
+    # uint8 (any strides) -> contiguous float at output size, then the folded affine ops
+    clip = torch.empty(clip8.shape, dtype=torch.float32)
+    if coef is None:
+        clip.copy_(clip8).div_(255.0)  # exactly load_frame's float(x) / 255
+    else:
+        a, b, lo, hi = coef
+        view = (1, -1, 1, 1)
+        clip.copy_(clip8)  # conversion and layout change in one pass (a mixed-dtype addcmul is far slower)
+        clip.mul_(torch.tensor(a).view(view)).add_(torch.tensor(b).view(view))
+        for c in range(clip.shape[1]):  # clamp only where the folded brightness can leave [0, 1]
+            if lo[c] > b[c] or hi[c] < 255.0 * a[c] + b[c]:
+                clip[:, c].clamp_(min=lo[c] if lo[c] > b[c] else None, max=hi[c] if hi[c] < 255.0 * a[c] + b[c] else None)
+    for t in rest[n:]:
+        if isinstance(t, ClipRandomErasing):
+            clip = t._erase(clip, generator, inplace=True)
+        elif isinstance(t, ClipTransform):
+            clip = t(clip, generator)
+        else:
+            clip = t(clip)
+    return clip
 
 
 def train_transform(

@@ -7,11 +7,22 @@ raises only when asked (``strict=True``).
 Issue kinds:
 
 ``malformed_line``
-    a line that does not follow the format (wrong field count, non-integer, bad JSON, no frame
-    number in an AU image name, ...).
+    a line that does not follow the format (wrong field count, a number that is not ASCII digits,
+    bad JSON, a DISFA ``AUs`` list of the wrong length, no frame number in an AU image name, a line
+    that is not UTF-8, ...).
 ``label_out_of_range``
     an expression label outside ``[0, K-1]``, an AU value other than 0/1, a DISFA AU id outside the
     vocabulary.
+``unsafe_path``
+    an absolute path, or one whose ``..`` leaves the dataset root.
+``bad_subject``
+    an AU sequence folder that does not follow the dataset's subject convention
+    (:func:`facelayers.data.parse_subject`).
+``empty_manifest``
+    the file has no records (``line`` 0).
+``duplicate_clip``
+    an expression clip listed again (the message says whether the two lines agree; when they do
+    not, :func:`facelayers.data.read_manifest` refuses the file).
 ``missing_frame_folder``
     an expression clip whose folder (or video file) does not exist under ``root``.
 ``empty_frame_folder``
@@ -21,7 +32,7 @@ Issue kinds:
 ``missing_frame_file``
     an AU image that does not exist under ``root``.
 ``duplicate_frame``
-    two AU lines with the same sequence and frame number.
+    two AU lines with the same sequence and frame number (same rule as ``duplicate_clip``).
 """
 
 from __future__ import annotations
@@ -32,7 +43,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifests import FORMATS, AURecord, ExpressionRecord, ManifestIssue, PathLike, get_format, iter_manifest
+from .manifests import (
+    FORMATS,
+    AURecord,
+    ExpressionRecord,
+    ManifestIssue,
+    PathLike,
+    _duplicate_message,
+    _record_key,
+    get_format,
+    iter_manifest,
+)
 
 __all__ = ["ISSUE_KINDS", "ManifestValidationError", "ValidationIssue", "ValidationReport", "validate_manifest"]
 
@@ -44,6 +65,10 @@ ISSUE_KINDS: tuple[str, ...] = (
     "frame_count_mismatch",
     "missing_frame_file",
     "duplicate_frame",
+    "duplicate_clip",
+    "unsafe_path",
+    "bad_subject",
+    "empty_manifest",
 )
 
 
@@ -62,7 +87,7 @@ class ValidationIssue:
     Attributes:
         kind: One of :data:`ISSUE_KINDS`.
         file: Manifest file.
-        line: 1-based line number in ``file``.
+        line: 1-based line number in ``file`` (0 for a problem of the whole file).
         message: What was expected and what was found.
         path: The record's path (frame folder or image), when the line could be parsed.
     """
@@ -74,7 +99,8 @@ class ValidationIssue:
     path: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.kind}: {self.message}"
+        where = self.file if self.line == 0 else f"{self.file}:{self.line}"
+        return f"{where}: {self.kind}: {self.message}"
 
 
 @dataclass
@@ -172,25 +198,23 @@ def validate_manifest(
     name = os.fspath(manifest)
     report = ValidationReport(manifest=name, format=fmt.name, root=None if root is None else os.fspath(root))
     root_path = None if root is None else Path(root)
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple, tuple[int, AURecord | ExpressionRecord]] = {}
     for lineno, item in iter_manifest(manifest, fmt.name):
         report.num_lines += 1
         if isinstance(item, ManifestIssue):
             report.issues.append(ValidationIssue(item.kind, name, lineno, item.message))
             continue
         report.num_records += 1
+        key = _record_key(item)
+        if key in seen:
+            first_line, first = seen[key]
+            kind = "duplicate_frame" if isinstance(item, AURecord) else "duplicate_clip"
+            report.issues.append(
+                ValidationIssue(kind, name, lineno, _duplicate_message(item, first, f"line {first_line}"), item.path)
+            )
+        else:
+            seen[key] = (lineno, item)
         if isinstance(item, AURecord):
-            key = (item.sequence, item.frame_index)
-            if key in seen:
-                report.issues.append(
-                    ValidationIssue(
-                        "duplicate_frame", name, lineno,
-                        f"frame {item.frame_index} of sequence {item.sequence!r} already listed on line {seen[key]}",
-                        item.path,
-                    )
-                )
-            else:
-                seen[key] = lineno
             if root_path is not None and not (root_path / item.path).is_file():
                 report.issues.append(
                     ValidationIssue("missing_frame_file", name, lineno, f"no image {root_path / item.path}", item.path)
@@ -218,14 +242,23 @@ def validate_manifest(
                         f"manifest says {item.num_frames} frames, {target} holds {n}", item.path,
                     )
                 )
+    if report.num_lines == 0:
+        report.issues.append(
+            ValidationIssue(
+                "empty_manifest", name, 0,
+                f"no records (expected at least one {fmt.name} line '{fmt.line}', got an empty file)",
+            )
+        )
     if strict:
         report.raise_if_issues()
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m facelayers.data MANIFEST FORMAT [ROOT]``; exit status 1 when issues are found."""
+    """Command line: ``python -m facelayers.data MANIFEST FORMAT [ROOT]``; exit status 1 when issues are
+    found, 2 for a usage error or a manifest that cannot be opened (one ``error:`` line, no traceback)."""
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m facelayers.data", description=main.__doc__)
     parser.add_argument("manifest")
@@ -233,6 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", default=None, help="dataset root (omit to check only the lines)")
     parser.add_argument("--max-issues", type=int, default=50, help="issues printed (default 50)")
     args = parser.parse_args(argv)
-    report = validate_manifest(args.manifest, args.format, args.root)
+    if args.max_issues < 0:
+        parser.error(f"--max-issues must be >= 0, got {args.max_issues}")
+    if args.root is not None and not os.path.isdir(args.root):
+        print(f"error: ROOT {args.root!r} is not a folder (expected the dataset root)", file=sys.stderr)
+        return 2
+    try:
+        report = validate_manifest(args.manifest, args.format, args.root)
+    except OSError as e:
+        print(f"error: cannot read manifest {args.manifest!r} ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(report.summary(max_issues=args.max_issues))
     return 0 if report.ok else 1

@@ -6,86 +6,60 @@ the names of the modules it replaced (the pattern of torchao's ``quantize_(model
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .layer import MoEFFN
+from ..ops.grouped_experts.activations import activation_module
+from .hosts import BlockSpec, find_block_container, host_checkpointing_on, select_blocks
+from .layer import MoEFFN, ffn_width
 
 __all__ = [
     "inject_moe_",
+    "set_shared_activation_",
     "map_pre_injection_state_dict",
     "load_pre_injection_state_dict",
     "moe_parameter_groups",
 ]
 
-BlockSpec = str | Sequence[int] | Callable[[int], bool] | None
+#: Activation classes recognised inside a shared FFN (by class name, so open_clip's / OpenAI CLIP's
+#: ``QuickGELU`` and timm's activation modules count without importing them).
+_ACTIVATION_CLASS_NAMES = frozenset({
+    "GELU", "QuickGELU", "ReLU", "SiLU", "Tanh", "Sigmoid", "GELUTanh", "Activation", "Identity",
+})
 
 
-def _find_block_container(model: nn.Module) -> tuple[str, nn.Module, str]:
-    """Return (prefix of the block list, the list, family) for the supported architectures."""
-    visual = getattr(model, "visual", None)
-    if isinstance(visual, nn.Module):
-        tr = getattr(visual, "transformer", None)
-        if isinstance(getattr(tr, "resblocks", None), nn.Module):
-            return "visual.transformer.resblocks", tr.resblocks, "open_clip"
-    tr = getattr(model, "transformer", None)
-    if isinstance(getattr(tr, "resblocks", None), nn.Module):
-        return "transformer.resblocks", tr.resblocks, "open_clip"
-    if isinstance(getattr(model, "resblocks", None), nn.Module):
-        return "resblocks", model.resblocks, "open_clip"
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0 and all(
-        isinstance(getattr(b, "mlp", None), nn.Module) for b in blocks
-    ):
-        return "blocks", blocks, "timm"
-    raise TypeError(
-        f"inject_moe_: {type(model).__name__} is not a recognised open_clip CLIP/VisionTransformer/Transformer "
-        "(visual.transformer.resblocks[i].mlp) or timm VisionTransformer (blocks[i].mlp); "
-        "pass filter_fn=lambda module, name: ... to choose the FFN modules to replace"
-    )
+def set_shared_activation_(ffn: nn.Module, activation: str | nn.Module) -> str:
+    """Replace the activation module of an FFN in place (e.g. the shared expert of a MoE layer).
 
+    The FFN must have exactly one direct child that is a parameter-free activation module (open_clip /
+    OpenAI CLIP ``mlp.gelu``, timm ``mlp.act``, ...). Parameters and state-dict keys are unchanged.
 
-def _select_blocks(blocks: BlockSpec, n: int) -> list[int]:
-    if blocks is None:
-        blocks = "last:6"
-    if callable(blocks) and not isinstance(blocks, str):
-        return [i for i in range(n) if blocks(i)]
-    if isinstance(blocks, str):
-        if blocks == "all":
-            return list(range(n))
-        if blocks.startswith("last:"):
-            try:
-                count = int(blocks[len("last:"):])
-            except ValueError:
-                raise ValueError(f"blocks must look like 'last:6', got {blocks!r}") from None
-            if not 1 <= count <= n:
-                raise ValueError(f"blocks={blocks!r} asks for the last {count} blocks but the model has {n}")
-            return list(range(n - count, n))
-        raise ValueError(f"blocks must be 'all', 'last:<n>', a list of block indices or a callable, got {blocks!r}")
-    idx = []
-    for i in blocks:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"block indices must be ints, got {i!r}")
-        if not -n <= i < n:
-            raise ValueError(f"block index {i} out of range for a model with {n} blocks")
-        idx.append(i % n)
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"duplicate block indices in {list(blocks)}")
-    return sorted(idx)
+    Args:
+        ffn: the FFN module (for a :class:`MoEFFN`, pass ``moe.shared``).
+        activation: a name of the activation registry ("gelu" -> ``nn.GELU()``, exact erf;
+            "quick_gelu"; "relu") or an ``nn.Module``.
 
+    Returns:
+        The name of the replaced child.
 
-def _infer_dim(module: nn.Module) -> int | None:
-    for attr in ("c_fc", "fc1"):
-        lin = getattr(module, attr, None)
-        if isinstance(lin, nn.Linear):
-            return lin.in_features
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            return m.in_features
-    return None
+    Examples::
 
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> set_shared_activation_(mlp, "gelu")
+        '1'
+    """
+    found = [(name, child) for name, child in ffn.named_children()
+             if type(child).__name__ in _ACTIVATION_CLASS_NAMES and next(child.parameters(), None) is None]
+    if len(found) != 1:
+        names = [name for name, _ in found]
+        raise ValueError(f"cannot find the activation of {type(ffn).__name__} (expected exactly one parameter-free "
+                         f"activation child, got {len(found)}: {names})")
+    name, _ = found[0]
+    setattr(ffn, name, activation_module(activation))
+    return name
 
 def _infer_batch_first(model: nn.Module, name: str) -> bool:
     """``batch_first`` of the nearest ancestor that declares one (open_clip ``Transformer``), else True."""
@@ -105,6 +79,7 @@ def inject_moe_(
     *,
     blocks: BlockSpec = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    shared_activation: str | nn.Module | None = None,
     **moe_kwargs: Any,
 ) -> list[str]:
     """Replace FFN modules of ``model`` in place by :class:`MoEFFN` whose shared expert is the original FFN.
@@ -125,8 +100,22 @@ def inject_moe_(
             (negative allowed) or a callable ``i -> bool``. Not allowed together with ``filter_fn``.
         filter_fn: ``(module, qualified_name) -> bool`` choosing the modules to replace (outermost
             match wins; nested matches are ignored).
+        shared_activation: None (default: the shared FFN is left exactly as it was) or an activation
+            for the shared expert instead of its own ("gelu" = exact-erf ``nn.GELU()``, "quick_gelu",
+            "relu", or a module); see :func:`set_shared_activation_`. The released SSM code runs its
+            shared experts with exact GELU instead of CLIP's QuickGELU (released code,
+            ``ssm/models/moe.py``: OpenAI CLIP's MLP has no ``act`` attribute, so it falls back to
+            ``nn.GELU()``); pass "gelu" to reproduce released weights.
         **moe_kwargs: forwarded to :class:`MoEFFN` (``num_experts``, ``hidden_dim``, ``top_k``,
-            ``num_tasks``, ...).
+            ``num_tasks``, ``router_layer``, ``experts_layer``, ...). ``router_layer`` /
+            ``experts_layer`` must be classes or factories when more than one FFN is replaced (one
+            built module cannot serve several layers).
+
+    Warns:
+        UserWarning: when a multi-task MoE is injected into a host whose own activation
+        checkpointing is on (open_clip ``transformer.grad_checkpointing``, timm
+        ``grad_checkpointing``): its recomputation would not replay the task routing; use
+        :func:`facelayers.moe.checkpoint_moe_blocks_` instead.
 
     Returns:
         Qualified names of the replaced modules, in model order.
@@ -139,10 +128,10 @@ def inject_moe_(
         ['visual.transformer.resblocks.6.mlp', ..., 'visual.transformer.resblocks.11.mlp']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be an nn.Module (expected nn.Module, got {type(model).__name__})")
     if filter_fn is not None:
         if blocks is not None:
-            raise ValueError("pass either blocks or filter_fn, not both")
+            raise ValueError("pass either blocks or filter_fn, not both (expected one, got both)")
         names: list[str] = []
         for name, mod in model.named_modules():
             if not name or any(name.startswith(p + ".") for p in names):
@@ -150,27 +139,37 @@ def inject_moe_(
             if filter_fn(mod, name):
                 names.append(name)
     else:
-        prefix, container, _family = _find_block_container(model)
-        chosen = _select_blocks(blocks, len(container))
+        prefix, container, _family = find_block_container(model)
+        chosen = select_blocks(blocks, len(container), default="last:6")
         names = []
         for i in chosen:
             block = container[i]
             if not isinstance(getattr(block, "mlp", None), nn.Module):
-                raise TypeError(f"block {prefix}.{i} ({type(block).__name__}) has no 'mlp' submodule")
+                raise TypeError(f"block {prefix}.{i} has no 'mlp' submodule (expected an FFN at .mlp, "
+                                f"got {type(block).__name__} without one)")
             names.append(f"{prefix}.{i}.mlp")
     if not names:
-        raise ValueError("inject_moe_: no module selected (check blocks / filter_fn)")
+        raise ValueError("inject_moe_: no module selected (expected at least one, got none; check blocks / filter_fn)")
 
+    for key in ("router_layer", "experts_layer"):
+        if isinstance(moe_kwargs.get(key), nn.Module) and len(names) > 1:
+            raise ValueError(f"{key} is a built module but {len(names)} FFNs are replaced (expected a class or "
+                             f"factory building one per layer, got a {type(moe_kwargs[key]).__name__} instance)")
+    if shared_activation is not None and not isinstance(shared_activation, (str, nn.Module)):
+        raise TypeError(f"shared_activation must be None, an activation name or an nn.Module "
+                        f"(expected None/str/nn.Module, got {type(shared_activation).__name__})")
     replaced = []
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, MoEFFN) or any(isinstance(m, MoEFFN) for m in module.modules()):
-            raise ValueError(f"{name} already contains a MoEFFN; inject_moe_ was applied twice")
+            raise ValueError(f"{name} already contains a MoEFFN; inject_moe_ was applied twice "
+                             f"(expected a plain FFN, got {type(module).__name__})")
         kwargs = dict(moe_kwargs)
         if "dim" not in kwargs:
-            dim = _infer_dim(module)
+            dim = ffn_width(module)[0]
             if dim is None:
-                raise ValueError(f"cannot infer the width of {name} ({type(module).__name__}): pass dim=...")
+                raise ValueError(f"cannot infer the width of {name}: pass dim=... (expected an FFN with an "
+                                 f"nn.Linear, got {type(module).__name__})")
             kwargs["dim"] = dim
         kwargs.setdefault("batch_first", _infer_batch_first(model, name))
         param = next(module.parameters(), None)
@@ -179,10 +178,19 @@ def inject_moe_(
             kwargs.setdefault("dtype", param.dtype)
         dim = kwargs.pop("dim")
         moe = MoEFFN(module, dim, **kwargs)
+        if shared_activation is not None:
+            set_shared_activation_(moe.shared, shared_activation)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, moe)
         replaced.append(name)
+    flags = host_checkpointing_on(model)
+    if flags and any(m.num_tasks > 1 for m in model.modules() if isinstance(m, MoEFFN)):
+        warnings.warn(
+            f"inject_moe_: the host's own activation checkpointing is on ({', '.join(flags)}); its recomputation "
+            "does not replay the MoE task routing (wrong gradients or a CheckpointError). Use "
+            "facelayers.moe.checkpoint_moe_blocks_(model) instead (it switches the host's flag off).",
+            UserWarning, stacklevel=2)
     return replaced
 
 
@@ -225,10 +233,9 @@ def load_pre_injection_state_dict(model: nn.Module, state_dict: Mapping[str, tor
     """
     mapped = map_pre_injection_state_dict(state_dict, model)
     result = model.load_state_dict(mapped, strict=False)
-    private_suffixes = tuple("." + n for n in ("router_weight", "router_bias", "w1", "b1", "w2", "b2", "gamma"))
-    moe_names = {name for name, m in model.named_modules() if isinstance(m, MoEFFN)}
-    missing_other = [k for k in result.missing_keys
-                     if not (k.endswith(private_suffixes) and k.rsplit(".", 1)[0] in moe_names)]
+    private = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, MoEFFN)
+               for p, _ in m.named_parameters() if not p.startswith("shared.")}
+    missing_other = [k for k in result.missing_keys if k not in private]
     if missing_other or result.unexpected_keys:
         raise KeyError(f"state_dict does not match the injected model: missing {missing_other}, "
                        f"unexpected {list(result.unexpected_keys)}")
@@ -243,7 +250,7 @@ def moe_parameter_groups(model: nn.Module, *, include_shared: bool = False) -> d
         include_shared: also return the shared experts' parameters under "shared".
 
     Returns:
-        ``{"experts": [w1, b1, w2, b2, ...], "routers": [router_weight, router_bias, ...],
+        ``{"experts": [experts.w1, b1, w2, b2, ...], "routers": [router.weight, router.bias, ...],
         "gamma": [...]}`` (+ ``"shared"``), each list in model order.
 
     Examples::
@@ -258,11 +265,12 @@ def moe_parameter_groups(model: nn.Module, *, include_shared: bool = False) -> d
     for m in model.modules():
         if not isinstance(m, MoEFFN):
             continue
-        groups["experts"] += [m.w1, m.b1, m.w2, m.b2]
-        groups["routers"] += [m.router_weight, m.router_bias]
+        groups["experts"] += list(m.experts.parameters())
+        groups["routers"] += list(m.router.parameters())
         groups["gamma"].append(m.gamma)
         if include_shared:
             groups["shared"] += list(m.shared.parameters())
     if not groups["experts"]:
-        raise ValueError(f"{type(model).__name__} contains no MoEFFN layer (call inject_moe_ first)")
+        raise ValueError(f"{type(model).__name__} contains no MoEFFN layer (expected MoEFFN layers, got none; "
+                         f"call inject_moe_ first)")
     return groups

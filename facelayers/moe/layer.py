@@ -6,52 +6,136 @@ Implements the paper's Mixture of Private Experts (Sec. III-A, Appendix E, eqs. 
 
 where ``E_s`` is the pretrained FFN (kept unchanged), ``R_t`` and the private experts ``E_j`` belong
 to the task ``t`` of the sample the token comes from, and ``ĝ`` are the top-k gates renormalised to
-sum to one. The private experts of all tasks live in weight banks ``[num_tasks, E, ...]`` that are
-flattened into ``num_tasks * E`` "virtual experts" (id ``task * E + e``), so ONE call of
-:func:`facelayers.ops.grouped_experts.grouped_expert_mlp` runs every task's experts for a mixed batch.
+sum to one. ``MoEFFN`` composes three modules (torchtune ``MoE(experts=, router=, shared_expert=)``):
+the shared expert, a router (default :class:`~facelayers.moe.router.TaskTopKRouter`) and an expert
+bank (default :class:`~facelayers.moe.experts.GroupedExperts`, banks ``[num_tasks, E, ...]`` run by
+ONE grouped-expert call for a mixed batch). Router and bank are injectable (``router_layer=``,
+``experts_layer=``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Callable, Iterator, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.grouped_experts import grouped_expert_mlp
-from ..ops.grouped_experts.reference import ACTIVATIONS
+from ..ops.grouped_experts.activations import check_activation
+from .experts import GroupedExperts
+from .router import TaskTopKRouter, TokenLayout
 
-__all__ = ["MoEFFN", "moe_task_context", "moe_aux_loss", "moe_load_stats", "SSM_RELEASE_MOE_KWARGS"]
+__all__ = [
+    "MoEFFN",
+    "moe_aux_loss",
+    "moe_load_stats",
+    "SSM_RELEASE_MOE_KWARGS",
+    "LEGACY_PARAMETER_NAMES",
+    "MissingTaskIdsWarning",
+    "as_task_ids",
+    "ffn_width",
+]
 
-#: ``MoEFFN`` keyword arguments reproducing the released SSM code's choices (except its dispatch bug):
-#: one task-agnostic expert pool, scalar γ, top-k gates not renormalised, router noise 1e-2.
+#: ``MoEFFN`` keyword arguments reproducing the released SSM code's router and experts (released code,
+#: ``ssm/models/moe.py``): one task-agnostic pool of 4 experts of width 512, top-2, softmax gates NOT
+#: renormalised, logit noise 1e-2 in training, scalar γ initialised to 0.1, exact-GELU experts. The
+#: release's dispatch bug is NOT included (add ``router_layer=ReleaseMisroutedTopKRouter`` for that) and
+#: neither is its shared-expert activation (``inject_moe_(..., shared_activation="gelu")``).
 SSM_RELEASE_MOE_KWARGS: dict = dict(
     num_tasks=1, renormalize=False, noise_std=1e-2, gamma="scalar", gamma_init=0.1, hidden_dim=512,
     num_experts=4, top_k=2, activation="gelu",
 )
 
+#: Parameter names of ``MoEFFN`` checkpoints saved before the router and expert bank became modules of
+#: their own -> today's names (``gamma`` and ``shared.*`` are unchanged). ``MoEFFN.load_state_dict``
+#: renames them automatically (a load-state-dict pre-hook).
+LEGACY_PARAMETER_NAMES: dict[str, str] = {
+    "router_weight": "router.weight",
+    "router_bias": "router.bias",
+    "w1": "experts.w1",
+    "b1": "experts.b1",
+    "w2": "experts.w2",
+    "b2": "experts.b2",
+}
 
-def _as_task_tensor(task_ids: int | Sequence[int] | Tensor) -> Tensor:
+
+class MissingTaskIdsWarning(UserWarning):
+    """A multi-task MoE layer ran without task ids (every token went to task 0)."""
+
+
+def as_task_ids(task_ids: int | Sequence[int] | Tensor) -> Tensor:
+    """Task ids as a long tensor: a scalar (one id for every sample) or ``[B]``; type and rank checked."""
     if isinstance(task_ids, bool):
-        raise TypeError("task_ids must be an int, a sequence of ints or an integer tensor, got bool")
+        raise TypeError("task_ids must be an int, a sequence of ints or an integer tensor (expected int, got bool)")
     if isinstance(task_ids, int):
         return torch.tensor(task_ids, dtype=torch.long)
     if isinstance(task_ids, Tensor):
         if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
-            raise TypeError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+            raise TypeError(f"task_ids must be an integer tensor (expected an integer dtype, got dtype {task_ids.dtype})")
         t = task_ids.long()
     else:
         try:
             t = torch.as_tensor(list(task_ids), dtype=torch.long)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"task_ids must be an int, a sequence of ints or an integer tensor, "
-                            f"got {type(task_ids).__name__}") from exc
+            raise TypeError(f"task_ids must be an int, a sequence of ints or an integer tensor "
+                            f"(expected int/sequence/tensor, got {type(task_ids).__name__})") from exc
     if t.dim() > 1:
-        raise ValueError(f"task_ids must be a scalar or a 1-D tensor [B], got shape {tuple(t.shape)}")
+        raise ValueError(f"task_ids must be a scalar or a 1-D tensor [B] (expected rank <= 1, got shape {tuple(t.shape)})")
     return t
+
+
+def ffn_width(module: nn.Module) -> tuple[int | None, int | None]:
+    """``(input width, output width)`` of an FFN: from ``c_fc``/``c_proj`` (open_clip) or ``fc1``/``fc2``
+    (timm), else the first and last ``nn.Linear`` found; None where nothing tells."""
+    first = next((getattr(module, a) for a in ("c_fc", "fc1") if isinstance(getattr(module, a, None), nn.Linear)), None)
+    last = next((getattr(module, a) for a in ("c_proj", "fc2") if isinstance(getattr(module, a, None), nn.Linear)), None)
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    first = first or (linears[0] if linears else None)
+    last = last or (linears[-1] if linears else None)
+    return (first.in_features if first is not None else None, last.out_features if last is not None else None)
+
+
+def _legacy_parameter(old: str) -> property:
+    """Property ``MoEFFN.<old>`` for the parameter now at ``LEGACY_PARAMETER_NAMES[old]`` (``part.attr``).
+
+    Reading returns the part's parameter. Assigning a Parameter re-registers it on the part; assigning
+    a plain tensor swaps it into the part's parameter slot, as ``torch.func.functional_call`` does for
+    parameters it is given by name (so functional code written with the older names keeps working).
+    """
+    part, attr = LEGACY_PARAMETER_NAMES[old].split(".")
+
+    def get(self: nn.Module) -> Tensor:
+        return getattr(getattr(self, part), attr)
+
+    def set_(self: nn.Module, value: Tensor) -> None:
+        sub = getattr(self, part)
+        if isinstance(value, nn.Parameter):
+            setattr(sub, attr, value)
+        elif isinstance(value, Tensor) and attr in sub._parameters:
+            sub._parameters[attr] = value  # what torch.nn.utils.stateless' swap does for a parameter
+        else:
+            raise TypeError(f"MoEFFN.{old} takes a tensor for {part}.{attr} (expected Tensor, got {type(value).__name__})")
+
+    return property(get, set_, doc=f"``{LEGACY_PARAMETER_NAMES[old]}`` under its older name ``{old}``.")
+
+
+def _build(layer: Any, what: str, kwargs: dict, checks: dict) -> nn.Module:
+    """A sub-module from ``layer``: a built module (its settings checked against ``checks``) or a class/factory."""
+    if isinstance(layer, nn.Module):
+        module = layer
+    elif callable(layer):
+        module = layer(**kwargs)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{what} must build an nn.Module (expected nn.Module, got {type(module).__name__})")
+    else:
+        raise TypeError(f"{what} must be an nn.Module, a module class or a factory "
+                        f"(expected nn.Module or callable, got {type(layer).__name__})")
+    for name, want in checks.items():
+        have = getattr(module, name, None)
+        if have != want:
+            raise ValueError(f"{what} {type(module).__name__} does not match the layer's {name} "
+                             f"(expected {name}={want}, got {have!r})")
+    return module
 
 
 class MoEFFN(nn.Module):
@@ -60,7 +144,7 @@ class MoEFFN(nn.Module):
     Args:
         shared: the shared expert, an FFN module mapping ``[..., dim] -> [..., dim]`` (e.g. the
             pretrained CLIP MLP). It is kept as is (same object, same parameters).
-        dim: model width ``D``.
+        dim: model width ``D`` (checked against the shared FFN's Linear layers when it has any).
         num_experts: private experts per task ``E``.
         hidden_dim: hidden width ``H`` of each private expert.
         top_k: experts per token ``k`` (``1 <= k <= E``).
@@ -73,14 +157,33 @@ class MoEFFN(nn.Module):
         gamma_init: initial value of γ.
         activation: private experts' activation: "gelu" (exact) | "quick_gelu" | "relu" | callable.
         aux_loss: "none" or "switch" (Switch-Transformer load balancing, see :attr:`aux_loss`).
-        backend: grouped expert backend ("auto" | "triton" | "torch" | "reference").
+        backend: grouped expert backend ("auto" | "triton" | "torch" | "reference" | a registered name).
         batch_first: layout of 3-D inputs used to map per-sample task ids onto tokens: True for
             ``[B, L, D]``, False for ``[L, B, D]``, None to detect it from the length of the task ids
             (ambiguous when ``B == L``: raises). ``inject_moe_`` sets it from the host model.
+        router_layer: the router: None (:class:`TaskTopKRouter`), a class or factory called as
+            ``router_layer(dim=, num_experts=, top_k=, num_tasks=, renormalize=, noise_std=, device=,
+            dtype=)``, or a built module (its ``num_experts``, ``top_k``, ``num_tasks`` must match;
+            its own ``renormalize``/``noise_std`` then apply). Protocol: :mod:`facelayers.moe.router`.
+        experts_layer: the expert bank: None (:class:`GroupedExperts`), a class or factory called as
+            ``experts_layer(dim=, hidden_dim=, num_experts=, num_tasks=, activation=, backend=, device=,
+            dtype=)``, or a built module (``num_experts``, ``num_tasks`` must match). Protocol:
+            :mod:`facelayers.moe.experts`.
         device, dtype: of the private parameters.
 
     Shapes:
         ``x: [N, D]`` (one token per sample), ``[B, L, D]`` or ``[L, B, D]``; output: like ``x``.
+        Outside autocast ``x`` must have the dtype of the private parameters.
+
+    Sub-modules and parameters: ``shared`` (the original FFN), ``router`` (``router.weight [T, E, D]``,
+    ``router.bias [T, E]`` by default), ``experts`` (``experts.w1 [T, E, D, H]``, ``b1``, ``w2``, ``b2``),
+    ``gamma`` (``[D]`` or ``[]``). Checkpoints with the older flat names (``router_weight``, ``w1``, ...;
+    :data:`LEGACY_PARAMETER_NAMES`) load unchanged. The old attribute reads (``layer.w1``,
+    ``layer.router_weight``, ``layer.top_k``, ...) still work.
+
+    Task ids: per call (``task_ids=``) or for a whole model with
+    :func:`facelayers.moe.moe_task_context`; readable with :attr:`task_ids`. A multi-task layer that
+    runs without any warns once (:class:`MissingTaskIdsWarning`) and routes every token to task 0.
 
     After every forward: :attr:`last_load` ``[num_tasks, E]`` (token-slot assignments per expert,
     detached), :attr:`last_router_prob` ``[num_tasks, E]`` (mean router probability, detached) and
@@ -112,82 +215,134 @@ class MoEFFN(nn.Module):
         aux_loss: str = "none",
         backend: str = "auto",
         batch_first: bool | None = True,
+        router_layer: type[nn.Module] | Callable[..., nn.Module] | nn.Module | None = None,
+        experts_layer: type[nn.Module] | Callable[..., nn.Module] | nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(shared, nn.Module):
-            raise TypeError(f"shared must be an nn.Module, got {type(shared).__name__}")
+            raise TypeError(f"shared must be an nn.Module (expected nn.Module, got {type(shared).__name__})")
         for name, value in (("dim", dim), ("num_experts", num_experts), ("hidden_dim", hidden_dim),
                             ("top_k", top_k), ("num_tasks", num_tasks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ValueError(f"{name} must be a positive int (expected an int >= 1, got {value!r})")
         if top_k > num_experts:
-            raise ValueError(f"top_k must be <= num_experts ({num_experts}), got top_k={top_k}")
+            raise ValueError(f"top_k must be <= num_experts ({num_experts}) (expected 1 <= top_k <= {num_experts}, "
+                             f"got top_k={top_k})")
         if gamma not in ("vector", "scalar"):
-            raise ValueError(f"gamma must be 'vector' or 'scalar', got {gamma!r}")
+            raise ValueError(f"gamma must be 'vector' or 'scalar' (expected 'vector' or 'scalar', got {gamma!r})")
         if aux_loss not in ("none", "switch"):
-            raise ValueError(f"aux_loss must be 'none' or 'switch', got {aux_loss!r}")
-        if not (callable(activation) or activation in ACTIVATIONS):
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
-        if backend not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'torch', 'reference'), got {backend!r}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            raise ValueError(f"aux_loss must be 'none' or 'switch' (expected 'none' or 'switch', got {aux_loss!r})")
+        check_activation(activation)
+        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0 (expected a float >= 0, got {noise_std!r})")
         if batch_first not in (True, False, None):
-            raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
+            raise ValueError(f"batch_first must be True, False or None (expected bool or None, got {batch_first!r})")
+        d_in, d_out = ffn_width(shared)
+        for side, width in (("input", d_in), ("output", d_out)):
+            if width is not None and width != dim:
+                raise ValueError(f"dim does not match the shared FFN's {side} width "
+                                 f"(expected dim={width} for {type(shared).__name__}, got dim={dim})")
         self.shared = shared
         self.dim = dim
         self.num_experts = num_experts
-        self.hidden_dim = hidden_dim
-        self.top_k = top_k
         self.num_tasks = num_tasks
-        self.renormalize = renormalize
-        self.noise_std = float(noise_std)
         self.gamma_mode = gamma
         self.gamma_init = float(gamma_init)
-        self.activation = activation
         self.aux_loss_mode = aux_loss
-        self.backend = backend
         self.batch_first = batch_first
         fk = {"device": device, "dtype": dtype}
-        self.router_weight = nn.Parameter(torch.empty(num_tasks, num_experts, dim, **fk))
-        self.router_bias = nn.Parameter(torch.empty(num_tasks, num_experts, **fk))
-        self.w1 = nn.Parameter(torch.empty(num_tasks, num_experts, dim, hidden_dim, **fk))
-        self.b1 = nn.Parameter(torch.empty(num_tasks, num_experts, hidden_dim, **fk))
-        self.w2 = nn.Parameter(torch.empty(num_tasks, num_experts, hidden_dim, dim, **fk))
-        self.b2 = nn.Parameter(torch.empty(num_tasks, num_experts, dim, **fk))
+        self.router = _build(
+            TaskTopKRouter if router_layer is None else router_layer, "router_layer",
+            dict(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, renormalize=renormalize,
+                 noise_std=noise_std, **fk),
+            dict(num_experts=num_experts, top_k=top_k, num_tasks=num_tasks),
+        )
+        self.experts = _build(
+            GroupedExperts if experts_layer is None else experts_layer, "experts_layer",
+            dict(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, num_tasks=num_tasks,
+                 activation=activation, backend=backend, **fk),
+            dict(num_experts=num_experts, num_tasks=num_tasks),
+        )
         self.gamma = nn.Parameter(torch.empty((dim,) if gamma == "vector" else (), **fk))
-        self._task_ids: Tensor | None = None  # set by moe_task_context
+        self._task_ids: Tensor | None = None  # set through `task_ids` (moe_task_context); None = task 0
+        self._warned_missing_ids = False
         self.last_load: Tensor | None = None
         self.last_router_prob: Tensor | None = None
         self.aux_loss: Tensor | None = None
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise the private branch (the shared expert is left untouched).
-
-        Expert matrices: Xavier-uniform per expert; biases zero; router: Xavier-uniform with gain 0.1,
-        zero bias (as the released code); γ = ``gamma_init``.
-        """
-        d, h, e = self.dim, self.hidden_dim, self.num_experts
+        """Initialise the private branch (the shared expert is left untouched): the router's and expert
+        bank's own ``reset_parameters()`` (defaults: Xavier-uniform experts, zero biases, router
+        Xavier-uniform with gain 0.1, as the released code), γ = ``gamma_init``."""
+        for module in (self.router, self.experts):
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
         with torch.no_grad():
-            bound = math.sqrt(6.0 / (d + h))
-            self.w1.uniform_(-bound, bound)
-            self.w2.uniform_(-bound, bound)
-            self.b1.zero_()
-            self.b2.zero_()
-            rbound = 0.1 * math.sqrt(6.0 / (d + e))
-            self.router_weight.uniform_(-rbound, rbound)
-            self.router_bias.zero_()
             self.gamma.fill_(self.gamma_init)
 
     def extra_repr(self) -> str:
-        act = self.activation if isinstance(self.activation, str) else getattr(self.activation, "__name__", "callable")
-        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, num_tasks={self.num_tasks}, renormalize={self.renormalize}, "
-                f"noise_std={self.noise_std}, gamma={self.gamma_mode!r}, activation={act!r}, "
-                f"aux_loss={self.aux_loss_mode!r}, backend={self.backend!r}, batch_first={self.batch_first}")
+        return (f"dim={self.dim}, num_experts={self.num_experts}, num_tasks={self.num_tasks}, "
+                f"gamma={self.gamma_mode!r}, aux_loss={self.aux_loss_mode!r}, batch_first={self.batch_first}")
+
+    # ------------------------------------------------------------------ task ids (public read/write)
+    @property
+    def task_ids(self) -> Tensor | None:
+        """Task ids this layer routes with when ``forward`` gets none: ``[B]`` or a scalar tensor, or None
+        (every token task 0). Set by :func:`facelayers.moe.moe_task_context`; assigning checks the type."""
+        return self._task_ids
+
+    @task_ids.setter
+    def task_ids(self, value: int | Sequence[int] | Tensor | None) -> None:
+        self._task_ids = None if value is None else as_task_ids(value)
+
+    # ------------------------------------------------------------------ settings read from the parts
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def renormalize(self) -> bool:
+        return self.router.renormalize
+
+    @property
+    def noise_std(self) -> float:
+        return self.router.noise_std
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.experts.hidden_dim
+
+    @property
+    def activation(self) -> str | Callable[[Tensor], Tensor]:
+        return self.experts.activation
+
+    @property
+    def backend(self) -> str:
+        """The expert bank's grouped-expert backend (settable)."""
+        return self.experts.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.experts.backend = value
+
+    # Older flat parameter names (LEGACY_PARAMETER_NAMES) as properties on the parts' parameters.
+    router_weight = _legacy_parameter("router_weight")
+    router_bias = _legacy_parameter("router_bias")
+    w1 = _legacy_parameter("w1")
+    b1 = _legacy_parameter("b1")
+    w2 = _legacy_parameter("w2")
+    b2 = _legacy_parameter("b2")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in LEGACY_PARAMETER_NAMES:  # the property, not a new parameter of this module
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # Attribute delegation: code written for the original FFN (open_clip reads ``mlp.c_fc.weight``,
     # timm code may read ``mlp.fc1``) still finds the shared expert's submodules and attributes.
@@ -208,26 +363,36 @@ class MoEFFN(nn.Module):
                 ) from None
 
     # ------------------------------------------------------------------ routing helpers
-    def _token_tasks(self, x: Tensor, task_ids: Tensor | None) -> Tensor | None:
-        """Per-token task id ``[N]`` (flattened in the memory order of ``x``), or None for all-task-0."""
+    def _token_tasks(self, x: Tensor, task_ids: Any) -> tuple[Tensor | None, TokenLayout]:
+        """Per-token task id ``[N]`` (memory order of ``x``; None for all-task-0) and the token layout."""
+        shape = tuple(x.shape[:-1])
+        layout_bdim = None if x.dim() == 2 else (None if self.batch_first is None else (0 if self.batch_first else 1))
         if task_ids is None:
             task_ids = self._task_ids
         if task_ids is None:
-            return None  # every token uses task 0
-        t = _as_task_tensor(task_ids)
+            if self.num_tasks > 1 and not self._warned_missing_ids:
+                self._warned_missing_ids = True
+                warnings.warn(
+                    f"MoEFFN with num_tasks={self.num_tasks} ran without task ids: every token uses task 0's router "
+                    "and experts (pass task_ids= or use facelayers.moe.moe_task_context; under activation "
+                    "checkpointing use facelayers.moe.checkpoint_moe_blocks_). Warned once per layer.",
+                    MissingTaskIdsWarning, stacklevel=3)
+            return None, TokenLayout(shape, layout_bdim)
+        t = as_task_ids(task_ids)
         if t.numel() > 0 and t.device.type == "cpu":  # value check only where it costs no device sync
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.num_tasks:
-                raise ValueError(f"task ids must lie in [0, {self.num_tasks}) (num_tasks), got range [{lo}, {hi}]")
+                raise ValueError(f"task ids must lie in [0, {self.num_tasks}) (num_tasks) "
+                                 f"(expected ids in [0, {self.num_tasks}), got range [{lo}, {hi}])")
         t = t.to(x.device, non_blocking=True)
         if t.dim() == 0:
             n_tokens = x.numel() // x.shape[-1]
-            return t.expand(n_tokens)
+            return t.expand(n_tokens), TokenLayout(shape, layout_bdim)
         if x.dim() == 2:
             if t.shape[0] != x.shape[0]:
                 raise ValueError(f"task_ids has {t.shape[0]} entries but the [N, D] input has N={x.shape[0]} "
-                                 f"tokens (one task id per row expected)")
-            return t
+                                 f"tokens (expected one task id per row, got {t.shape[0]})")
+            return t, TokenLayout(shape, None)
         # 3-D input: find the batch dimension
         n_ids = t.shape[0]
         batch_first = self.batch_first
@@ -235,45 +400,30 @@ class MoEFFN(nn.Module):
             fits0, fits1 = x.shape[0] == n_ids, x.shape[1] == n_ids
             if fits0 and fits1:
                 raise ValueError(f"cannot detect the batch dimension of input {tuple(x.shape)} from {n_ids} "
-                                 f"task ids (B == L); set MoEFFN.batch_first explicitly")
+                                 f"task ids (B == L); set MoEFFN.batch_first explicitly "
+                                 f"(expected B != L, got B = L = {n_ids})")
             if not (fits0 or fits1):
                 raise ValueError(f"task_ids has {n_ids} entries but input {tuple(x.shape)} has no matching "
-                                 f"batch dimension (expected [B, L, D] or [L, B, D] with B={n_ids})")
+                                 f"batch dimension (expected [B, L, D] or [L, B, D] with B={n_ids}, "
+                                 f"got {tuple(x.shape)})")
             batch_first = fits0
         bdim = 0 if batch_first else 1
         if x.shape[bdim] != n_ids:
             layout = "[B, L, D]" if batch_first else "[L, B, D]"
             raise ValueError(f"task_ids has {n_ids} entries but the {layout} input {tuple(x.shape)} has "
-                             f"B={x.shape[bdim]} (batch_first={batch_first})")
+                             f"B={x.shape[bdim]} (batch_first={batch_first}) (expected B={n_ids}, got B={x.shape[bdim]})")
         length = x.shape[1 - bdim]
-        return t.repeat_interleave(length) if batch_first else t.repeat(length)
+        tok = t.repeat_interleave(length) if batch_first else t.repeat(length)
+        return tok, TokenLayout(shape, bdim)
 
-    def _route(self, tokens: Tensor, tok_task: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Router: returns (virtual expert ids [N, k], gates [N, k], probs [N, E]) in router dtype."""
-        n_tokens = tokens.shape[0]
-        e = self.num_experts
-        rdtype = torch.promote_types(tokens.dtype, torch.float32)
-        xr = tokens.to(rdtype)
-        if tok_task is None or self.num_tasks == 1:
-            logits = F.linear(xr, self.router_weight[0].to(rdtype), self.router_bias[0].to(rdtype))
-        else:
-            all_logits = F.linear(xr, self.router_weight.reshape(-1, self.dim).to(rdtype),
-                                  self.router_bias.reshape(-1).to(rdtype))
-            all_logits = all_logits.view(n_tokens, self.num_tasks, e)
-            logits = all_logits.gather(1, tok_task.view(n_tokens, 1, 1).expand(n_tokens, 1, e)).squeeze(1)
-        if self.training and self.noise_std > 0:
-            logits = logits + torch.randn_like(logits) * self.noise_std
-        probs = torch.softmax(logits, dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        if tok_task is not None and self.num_tasks > 1:
-            top_i = top_i + (tok_task * e).unsqueeze(1)
-        return top_i, top_p, probs
+    def _route(self, tokens: Tensor, tok_task: Tensor | None,
+               layout: TokenLayout | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(virtual expert ids [N, k], gates [N, k], probs [N, E])`` from the router (older internal API)."""
+        return tuple(self.router(tokens, tok_task, layout))  # type: ignore[return-value]
 
     def _stats(self, virt_idx: Tensor, probs: Tensor, tok_task: Tensor | None) -> None:
         """Per-task expert load, mean router probability and (optionally) the Switch aux loss. No host sync."""
-        t, e, k = self.num_tasks, self.num_experts, self.top_k
+        t, e, k = self.num_tasks, self.num_experts, virt_idx.shape[1]
         n_tokens = probs.shape[0]
         flat = virt_idx.reshape(-1)
         # scatter_add, not bincount: CUDA bincount reads max() on the host; integer adds are exact.
@@ -281,7 +431,7 @@ class MoEFFN(nn.Module):
             0, flat, torch.ones_like(flat)).view(t, e)
         if tok_task is None:
             tok_task = torch.zeros(n_tokens, dtype=torch.long, device=probs.device)
-        onehot = F.one_hot(tok_task, t).to(probs.dtype)  # [N, T]
+        onehot = torch.nn.functional.one_hot(tok_task, t).to(probs.dtype)  # [N, T]
         n_per_task = onehot.sum(0)  # [T]
         prob_sum = onehot.t() @ probs  # [T, E], deterministic (no atomics)
         denom = n_per_task.clamp_min(1).unsqueeze(1)
@@ -309,80 +459,34 @@ class MoEFFN(nn.Module):
             Tensor shaped like ``x``.
         """
         if x.dim() not in (2, 3):
-            raise ValueError(f"MoEFFN expects x of rank 2 [N, D] or 3 ([B, L, D] / [L, B, D]), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"MoEFFN expects x of rank 2 [N, D] or 3 ([B, L, D] / [L, B, D]) "
+                             f"(expected rank 2 or 3, got shape {tuple(x.shape)})")
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoEFFN was built for dim={self.dim}, got input with last dim {x.shape[-1]} "
-                             f"(shape {tuple(x.shape)})")
+                             f"(expected [..., {self.dim}], got shape {tuple(x.shape)})")
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.gamma.dtype:
+            raise TypeError(f"MoEFFN input dtype must match its parameters outside autocast "
+                            f"(expected {self.gamma.dtype}, got {x.dtype}); cast the input or the module, "
+                            f"or run under torch.autocast")
         out_shared = self.shared(x)
-        tok_task = self._token_tasks(x, task_ids)
+        tok_task, layout = self._token_tasks(x, task_ids)
         tokens = x.reshape(-1, self.dim)
-        virt_idx, gates, probs = self._route(tokens, tok_task)
+        virt_idx, gates, probs = self.router(tokens, tok_task, layout)
         self._stats(virt_idx, probs, tok_task)
-
-        # Compute dtype: the autocast dtype when autocast is on (cast explicitly so every backend sees
-        # one dtype), else the input dtype.
-        dev_type = x.device.type
-        if torch.is_autocast_enabled(dev_type):
-            cdtype = torch.get_autocast_dtype(dev_type)
-        else:
-            cdtype = x.dtype
-        ne = self.num_tasks * self.num_experts
-        with torch.autocast(dev_type, enabled=False):
-            private = grouped_expert_mlp(
-                tokens.to(cdtype), virt_idx, gates.to(cdtype),
-                self.w1.reshape(ne, self.dim, self.hidden_dim).to(cdtype),
-                self.b1.reshape(ne, self.hidden_dim).to(cdtype),
-                self.w2.reshape(ne, self.hidden_dim, self.dim).to(cdtype),
-                self.b2.reshape(ne, self.dim).to(cdtype),
-                activation=self.activation, backend=self.backend,
-            )
+        private = self.experts(tokens, virt_idx, gates)
         private = private.view(x.shape).to(out_shared.dtype)
         return out_shared + self.gamma.to(out_shared.dtype) * private
 
 
+def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: older flat names (:data:`LEGACY_PARAMETER_NAMES`) -> today's names."""
+    for old, new in LEGACY_PARAMETER_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 def _moe_layers(model: nn.Module) -> list[MoEFFN]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
-
-
-@contextlib.contextmanager
-def moe_task_context(model: nn.Module, task_ids: int | Sequence[int] | Tensor) -> Iterator[None]:
-    """Set the task of every sample for all :class:`MoEFFN` layers inside ``model``.
-
-    Within the context each MoE layer routes the tokens of sample ``b`` with task ``task_ids[b]``'s
-    router and experts, so samples of different tasks can share ONE forward pass. How tokens map to
-    samples: ``[B, L, D]`` inputs (``batch_first=True``) repeat each id ``L`` times, ``[L, B, D]``
-    inputs tile the ids ``L`` times, ``[N, D]`` inputs take one id per row. Contexts nest; the
-    previous ids are restored on exit.
-
-    Args:
-        model: a module containing MoEFFN layers (or a MoEFFN itself).
-        task_ids: ``[B]`` integer task ids (tensor or sequence), or one int for the whole batch.
-
-    Examples::
-
-        >>> with moe_task_context(clip.visual, torch.tensor([0, 0, 1])):  # doctest: +SKIP
-        ...     feats = clip.encode_image(images)
-    """
-    layers = _moe_layers(model)
-    if not layers:
-        raise ValueError(f"moe_task_context: {type(model).__name__} contains no MoEFFN layer "
-                         f"(call inject_moe_ first)")
-    t = _as_task_tensor(task_ids)
-    if t.numel() > 0 and t.device.type == "cpu":
-        lo, hi = int(t.min()), int(t.max())
-        max_tasks = min(layer.num_tasks for layer in layers)
-        if lo < 0 or hi >= max_tasks:
-            raise ValueError(f"task ids must lie in [0, {max_tasks}) (num_tasks of the MoE layers), "
-                             f"got range [{lo}, {hi}]")
-    previous = [layer._task_ids for layer in layers]
-    for layer in layers:
-        layer._task_ids = t
-    try:
-        yield
-    finally:
-        for layer, prev in zip(layers, previous):
-            layer._task_ids = prev
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor | None:
@@ -397,3 +501,5 @@ def moe_load_stats(model: nn.Module) -> dict[str, Tensor]:
     """``{module name: last_load [num_tasks, E]}`` for every MoEFFN that has run a forward."""
     return {name: m.last_load for name, m in model.named_modules()
             if isinstance(m, MoEFFN) and m.last_load is not None}
+
+

@@ -353,7 +353,8 @@ class SyntheticAUDataset(Dataset):
     def export(self, root: str | os.PathLike[str], *, format: str = "bp4d", manifest: str | None = None) -> Path:
         """Write this split's frames + a manifest readable by ``AUClipDataset``.
 
-        ``"bp4d"``: ``root/S<subject:03d>_T<take>/<frame>.png`` (unpadded frame numbers from 1), lines
+        ``"bp4d"``: ``root/1F<subject:02d>_<take:02d>/<frame>.png`` (BP4D's ``<prefix><F|M><NN>_<task>``
+        sequence convention, so ``AURecord.subject`` groups takes by subject) (unpadded frame numbers from 1), lines
         ``path b1 .. b12`` for the BP4D vocabulary. ``"disfa"``: one folder per subject,
         ``root/RightVideoSN<subject:03d>/frame_<n>.png``, takes one after another with one missing
         frame number between them (so windows never join two takes), JSON lines with the DISFA
@@ -373,7 +374,12 @@ class SyntheticAUDataset(Dataset):
         next_index: dict[int, int] = {}
         for start, length, subj, take in zip(self._starts, self._lengths, self.data.subjects, self.data.takes):
             if fmt.name == "bp4d":
-                seq = f"S{subj:03d}_T{take + 1}"
+                if subj > 99 or take + 1 > 99:
+                    raise ValueError(
+                        "BP4D export names sequences <prefix><F|M><NN>_<NN> (expected subject ids 0..99 and at most "
+                        f"99 takes, got subject {subj} take {take + 1})"
+                    )
+                seq = f"1F{subj:02d}_{take + 1:02d}"
                 first = 1
                 names = [f"{first + i}.png" for i in range(length)]
             else:

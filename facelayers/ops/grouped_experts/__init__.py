@@ -1,16 +1,21 @@
 """Grouped expert MLP: every (token, slot) through its own small expert MLP, in one call.
 
-One functional entry point, :func:`grouped_expert_mlp`, dispatching to a backend:
+One functional entry point, :func:`grouped_expert_mlp`, dispatching to a backend of the registry:
 
 - ``"triton"``: CUDA tensors with Triton installed (``op.py`` / ``triton_kernels.py``); no host
-  syncs, no atomics, deterministic. Also usable on CPU tensors under ``TRITON_INTERPRET=1``.
+  syncs, no atomics, deterministic. Also usable on CPU tensors (the kernels then run in Triton's
+  interpreter; slow, for tests).
 - ``"torch"``: sort once, contiguous per-expert slices (``torch_backend.py``); the CPU default and
   the always-available fallback.
 - ``"reference"``: per-token Python loop (``reference.py``); for tests only.
 - ``"auto"`` (default): the value of the environment variable ``FACELAYERS_MOE_BACKEND`` if set,
-  else ``"triton"`` for CUDA tensors when ``import triton`` works (falling back to ``"torch"`` if the
-  Triton op cannot be imported), else ``"torch"``.
+  else ``"triton"`` for CUDA tensors when Triton is installed and the Triton op imports (falling back
+  to ``"torch"`` otherwise), else ``"torch"``.
+- any name added with :func:`register_backend` (e.g. a benchmark's baseline loop): usable as
+  ``backend=`` argument, as ``MoEFFN(backend=...)`` and in ``FACELAYERS_MOE_BACKEND``.
 
+Surfaces of the op, one each: input checks in ``validation.py``, activations in ``activations.py``,
+the Triton probe :func:`triton_installed` (here), backends in the registry (here).
 Nothing is imported from Triton, compiled, or placed on CUDA at import time.
 """
 
@@ -20,25 +25,46 @@ import importlib.util
 import os
 from typing import Callable
 
-import torch
 from torch import Tensor
 
-from .reference import ACTIVATIONS, grouped_expert_mlp_reference
+from .activations import ACTIVATIONS, resolve_activation
+from .reference import grouped_expert_mlp_reference
 from .torch_backend import grouped_expert_mlp_torch
+from .validation import check_grouped_expert_inputs
 
-__all__ = ["grouped_expert_mlp", "resolve_backend", "BACKENDS", "ENV_VAR"]
+__all__ = [
+    "grouped_expert_mlp",
+    "resolve_backend",
+    "register_backend",
+    "unregister_backend",
+    "available_backends",
+    "triton_installed",
+    "BACKENDS",
+    "ENV_VAR",
+    "ACTIVATIONS",
+    "resolve_activation",
+]
 
 ENV_VAR = "FACELAYERS_MOE_BACKEND"
+#: The built-in backend names (``"auto"`` included). Registered backends come on top: see
+#: :func:`available_backends`.
 BACKENDS = ("auto", "triton", "torch", "reference")
+
+#: Signature of a backend: ``fn(x, expert_idx, weights, w1, b1, w2, b2, activation) -> [N, D]``.
+BackendFn = Callable[..., Tensor]
 
 _triton_op_cache: list = []  # [callable] once imported, [exception] when the import failed
 
 
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
+    """The one Triton probe: whether the ``triton`` package is installed (imports nothing, touches no GPU)."""
     return importlib.util.find_spec("triton") is not None
 
 
-def _load_triton_op() -> Callable[..., Tensor]:
+_triton_installed = triton_installed  # the name resolve_backend calls (tests replace it)
+
+
+def _load_triton_op() -> BackendFn:
     """Import ``op.grouped_expert_mlp_triton`` lazily (first call only); raise ImportError if impossible."""
     if not _triton_op_cache:
         try:
@@ -57,23 +83,85 @@ def _load_triton_op() -> Callable[..., Tensor]:
     return entry
 
 
+# Built-in entries look their function up at call time (so the module attributes stay the single
+# source, e.g. for tests that replace them).
+def _run_torch(*args: object) -> Tensor:
+    return grouped_expert_mlp_torch(*args)
+
+
+def _run_reference(*args: object) -> Tensor:
+    return grouped_expert_mlp_reference(*args)
+
+
+def _run_triton(*args: object) -> Tensor:
+    return _load_triton_op()(*args)
+
+
+_REGISTRY: dict[str, BackendFn] = {"triton": _run_triton, "torch": _run_torch, "reference": _run_reference}
+_BUILTIN = frozenset(_REGISTRY)
+
+
+def register_backend(name: str, fn: BackendFn, *, overwrite: bool = False) -> None:
+    """Add a backend to :func:`grouped_expert_mlp`'s registry.
+
+    Args:
+        name: the backend name (not "auto", not a built-in name).
+        fn: ``fn(x, expert_idx, weights, w1, b1, w2, b2, activation) -> [N, D]`` with the semantics of
+            :func:`grouped_expert_mlp`; it receives validated inputs (shapes, dtypes, devices) and the
+            activation as given (a registered name or a callable; see ``resolve_activation``).
+        overwrite: replace an existing registered (non built-in) backend of that name.
+
+    Examples::
+
+        >>> def loop(x, idx, w, w1, b1, w2, b2, activation):  # doctest: +SKIP
+        ...     ...
+        >>> register_backend("my_loop", loop)  # doctest: +SKIP
+        >>> grouped_expert_mlp(x, idx, w, w1, b1, w2, b2, backend="my_loop")  # doctest: +SKIP
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto' (expected a new name, got {name!r})")
+    if not callable(fn):
+        raise TypeError(f"backend function must be callable (expected a callable, got {type(fn).__name__})")
+    if name in _BUILTIN:
+        raise ValueError(f"cannot replace the built-in backend {name!r} (expected a name not in {sorted(_BUILTIN)}, "
+                         f"got {name!r})")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"backend {name!r} is already registered (expected a new name or overwrite=True, got {name!r})")
+    _REGISTRY[name] = fn
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with :func:`register_backend` (built-in backends cannot be removed)."""
+    if name in _BUILTIN or name not in _REGISTRY:
+        raise ValueError(f"not a registered (non built-in) backend (expected one of "
+                         f"{sorted(set(_REGISTRY) - _BUILTIN)}, got {name!r})")
+    del _REGISTRY[name]
+
+
+def available_backends() -> tuple[str, ...]:
+    """Every name accepted as ``backend=`` now: ``"auto"``, the built-ins, then registered ones."""
+    return ("auto",) + tuple(_REGISTRY)
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
     """Name of the backend that ``grouped_expert_mlp(..., backend=backend)`` would run on ``x``.
 
     Args:
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: "auto" or a name of :func:`available_backends`.
         x: the input tensor (its device decides ``auto``).
 
     Returns:
-        "triton", "torch" or "reference".
+        A registered backend name ("triton", "torch", "reference" or a registered one).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    names = available_backends()
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names} (expected a registered name, got {backend!r})")
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":
-            if env not in BACKENDS:
-                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            if env not in names:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {names} "
+                                 f"(expected a registered name, got {env!r})")
             return env
         if x.is_cuda and _triton_installed():
             try:
@@ -83,52 +171,6 @@ def resolve_backend(backend: str, x: Tensor) -> str:
             return "triton"
         return "torch"
     return backend
-
-
-def _check_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation) -> None:
-    named = {"x": x, "expert_idx": expert_idx, "weights": weights, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    ranks = {"x": 2, "expert_idx": 2, "weights": 2, "w1": 3, "b1": 2, "w2": 3, "b2": 2}
-    for name, rank in ranks.items():
-        if named[name].dim() != rank:
-            raise ValueError(f"{name} must have rank {rank}, got shape {tuple(named[name].shape)}")
-    n_tokens, dim = x.shape
-    num_experts, d1, hidden = w1.shape
-    if d1 != dim:
-        raise ValueError(f"w1 must be [E, D={dim}, H], got {tuple(w1.shape)} for x of shape {tuple(x.shape)}")
-    expected = {
-        "b1": (num_experts, hidden),
-        "w2": (num_experts, hidden, dim),
-        "b2": (num_experts, dim),
-    }
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (E={num_experts}, H={hidden}, D={dim}), "
-                             f"got {tuple(named[name].shape)}")
-    if expert_idx.shape[0] != n_tokens:
-        raise ValueError(f"expert_idx must be [N={n_tokens}, k], got {tuple(expert_idx.shape)}")
-    if tuple(weights.shape) != tuple(expert_idx.shape):
-        raise ValueError(f"weights must have the shape of expert_idx {tuple(expert_idx.shape)}, "
-                         f"got {tuple(weights.shape)}")
-    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or expert_idx.dtype == torch.bool:
-        raise TypeError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be floating point, got {x.dtype}")
-    for name in ("weights", "w1", "b1", "w2", "b2"):
-        if named[name].dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {named[name].dtype}")
-    for name, t in named.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
-    if not (callable(activation) or activation in ACTIVATIONS):
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
-    # Value check of the indices only where it costs no device sync.
-    if x.device.type == "cpu" and expert_idx.numel() > 0:
-        lo, hi = int(expert_idx.min()), int(expert_idx.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert_idx values must lie in [0, {num_experts}), got range [{lo}, {hi}]")
 
 
 def grouped_expert_mlp(
@@ -148,10 +190,11 @@ def grouped_expert_mlp(
 
         out[n] = sum_j weights[n, j] * (act(x[n] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert_idx[n, j]
 
-    with ``act`` = exact erf GELU for "gelu" (``nn.GELU()`` default), ``x * sigmoid(1.702 x)`` for
-    "quick_gelu", ``relu`` for "relu", or any elementwise callable. An expert index may appear
-    several times in a row (its contributions add up); experts that receive no token get zero
-    gradients. All floating tensors must share one dtype and device (``MoEFFN`` casts for autocast).
+    with ``act`` from the registry of ``activations.py`` ("gelu" = exact erf GELU, ``nn.GELU()``
+    default; "quick_gelu" = ``x * sigmoid(1.702 x)``; "relu") or any elementwise callable. An expert
+    index may appear several times in a row (its contributions add up); experts that receive no token
+    get zero gradients. All floating tensors must share one dtype and device (``MoEFFN`` casts for
+    autocast).
 
     Args:
         x: ``[N, D]`` token features.
@@ -161,8 +204,8 @@ def grouped_expert_mlp(
         w1: ``[E, D, H]`` up-projections; b1: ``[E, H]``.
         w2: ``[E, H, D]`` down-projections; b2: ``[E, D]``.
         activation: "gelu" | "quick_gelu" | "relu" | callable.
-        backend: "auto" | "triton" | "torch" | "reference" (see module docstring; ``auto`` honours
-            the environment variable ``FACELAYERS_MOE_BACKEND``).
+        backend: "auto" | "triton" | "torch" | "reference" | a registered name (see the module
+            docstring; ``auto`` honours the environment variable ``FACELAYERS_MOE_BACKEND``).
 
     Returns:
         ``[N, D]`` in the dtype of ``x``.
@@ -178,11 +221,6 @@ def grouped_expert_mlp(
         >>> grouped_expert_mlp(x, idx, gates, w1, b1, w2, b2).shape
         torch.Size([10, 8])
     """
-    _check_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation)
+    check_grouped_expert_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation)
     name = resolve_backend(backend, x)
-    if name == "torch":
-        return grouped_expert_mlp_torch(x, expert_idx, weights, w1, b1, w2, b2, activation)
-    if name == "reference":
-        return grouped_expert_mlp_reference(x, expert_idx, weights, w1, b1, w2, b2, activation)
-    op = _load_triton_op()  # explicit "triton" (argument or env var): raise if unavailable
-    return op(x, expert_idx, weights, w1, b1, w2, b2, activation)
+    return _REGISTRY[name](x, expert_idx, weights, w1, b1, w2, b2, activation)

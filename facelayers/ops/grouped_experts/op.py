@@ -37,12 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grouped_expert_mlp_triton", "ACTIVATIONS"]
+from .activations import ACTIVATIONS, resolve_activation
+from .validation import check_grouped_expert_inputs
 
-ACTIVATIONS = ("gelu", "quick_gelu", "relu")
+__all__ = ["grouped_expert_mlp_triton", "ACTIVATIONS"]
 
 # Block sizes of the interpreter (CPU) path: small, so tests with D/H of a few dozen still cover
 # several K iterations, several N tiles and partial tiles.
@@ -69,15 +69,6 @@ _CUDA_WGRAD_TUNE = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 
 # --------------------------------------------------------------------------------------------------
 # kernel selection (lazy: Triton is imported on the first launch only)
 # --------------------------------------------------------------------------------------------------
-
-
-def triton_available() -> bool:
-    """Whether ``import triton`` works (does not touch CUDA)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache
@@ -139,7 +130,8 @@ def _launch(name: str, device: torch.device, dtype: torch.dtype, grid_fn: Callab
         else:
             meta = dict(_CUDA_META[name])
     else:
-        raise ValueError(f"the 'triton' grouped-expert backend runs on CUDA or CPU tensors, got device {device}")
+        raise ValueError(f"the 'triton' grouped-expert backend runs on CUDA or CPU tensors "
+                         f"(expected a cuda or cpu device, got {device})")
     if meta:
         kernel[grid_fn(meta)](*args, **consts, **meta)
     else:
@@ -509,54 +501,17 @@ def sort_by_expert(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor
     return order, offsets
 
 
-def _activate(h: Tensor, activation: str | Callable[[Tensor], Tensor]) -> Tensor:
-    if callable(activation):
-        return activation(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "quick_gelu":
-        return h * torch.sigmoid(1.702 * h)
-    if activation == "relu":
-        return F.relu(h)
-    raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
-
-
-def _check_inputs(
+def _check_triton_inputs(
     x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: Any
 ) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    n, d = x.shape
-    if expert_idx.dim() != 2 or expert_idx.shape[0] != n:
-        raise ValueError(f"expert_idx must be [N={n}, k], got shape {tuple(expert_idx.shape)}")
-    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or expert_idx.dtype == torch.bool:
-        raise TypeError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
-    k = expert_idx.shape[1]
-    if weights.shape != expert_idx.shape:
-        raise ValueError(f"weights must be [N={n}, k={k}] like expert_idx, got shape {tuple(weights.shape)}")
-    if w1.dim() != 3 or w1.shape[1] != d:
-        raise ValueError(f"w1 must be [E, D={d}, H], got shape {tuple(w1.shape)}")
-    e, _, h = w1.shape
-    expected = {"b1": (b1, (e, h)), "w2": (w2, (e, h, d)), "b2": (b2, (e, d))}
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    for name, t in {"weights": weights, "w1": w1, "b1": b1, "w2": w2, "b2": b2}.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    """The op's one validator (``validation.py``), then what only this backend needs (dtype set, device)."""
+    check_grouped_expert_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, t in {"expert_idx": expert_idx, "weights": weights, "w1": w1, "b1": b1, "w2": w2, "b2": b2}.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        raise TypeError(f"the 'triton' backend needs x in float16, bfloat16, float32 or float64 "
+                        f"(expected one of those, got {x.dtype})")
     if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the 'triton' backend runs on CUDA (or CPU via the interpreter), got device {x.device}")
-    if not callable(activation) and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
-    if expert_idx.numel() and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(expert_idx.min()), int(expert_idx.max())
-        if lo < 0 or hi >= e:
-            raise ValueError(f"expert_idx values must be in [0, {e}), got range [{lo}, {hi}]")
+        raise ValueError(f"the 'triton' backend runs on CUDA (or CPU via the interpreter) "
+                         f"(expected a cuda or cpu device, got {x.device})")
 
 
 def grouped_expert_mlp_triton(
@@ -599,7 +554,7 @@ def grouped_expert_mlp_triton(
         >>> grouped_expert_mlp_triton(x, idx, gates, w1, b1, w2, b2, "gelu").shape
         torch.Size([6304, 768])
     """
-    _check_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation)
+    _check_triton_inputs(x, expert_idx, weights, w1, b1, w2, b2, activation)
     k = expert_idx.shape[1]
     order, offsets = sort_by_expert(expert_idx, w1.shape[0])
     if x.is_cuda and not torch.compiler.is_compiling():
@@ -607,6 +562,6 @@ def grouped_expert_mlp_triton(
         # device-side assert on the offsets (all ids in range <=> offsets[0] == 0 and offsets[E] == N*k).
         torch._assert_async((offsets[0] == 0) & (offsets[-1] == order.shape[0]), "expert_idx values must be in [0, E)")
     h = grouped_up(x, w1, b1, order, offsets, k)  # [N*k, H], expert-sorted
-    a = _activate(h, activation)
+    a = resolve_activation(activation)(h)
     out, _ = grouped_down_combine(a, w2, b2, weights.contiguous(), order, offsets, k)
     return out

@@ -1,6 +1,7 @@
 """Obviously-correct per-token loop for the grouped expert MLP (tests only).
 
 Slow by design: one Python iteration per (token, slot). Every fast backend is tested against it.
+Activations come from the one registry, ``activations.py`` (re-exported here for older imports).
 """
 
 from __future__ import annotations
@@ -10,35 +11,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .activations import ACTIVATIONS, resolve_activation
+
 __all__ = ["grouped_expert_mlp_reference", "resolve_activation", "ACTIVATIONS"]
-
-
-def _quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _gelu(x: Tensor) -> Tensor:
-    return torch.nn.functional.gelu(x)  # exact erf form, same as nn.GELU()
-
-
-def _relu(x: Tensor) -> Tensor:
-    return torch.relu(x)
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": _gelu,
-    "quick_gelu": _quick_gelu,
-    "relu": _relu,
-}
-
-
-def resolve_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Return the elementwise function for ``activation`` ("gelu", "quick_gelu", "relu" or a callable)."""
-    if callable(activation):
-        return activation
-    if isinstance(activation, str) and activation in ACTIVATIONS:
-        return ACTIVATIONS[activation]
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
 
 
 def grouped_expert_mlp_reference(

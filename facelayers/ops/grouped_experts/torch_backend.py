@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import resolve_activation
+from .activations import resolve_activation
 
 __all__ = ["grouped_expert_mlp_torch"]
 
@@ -56,7 +56,8 @@ def grouped_expert_mlp_torch(
     sizes = counts.tolist()  # the one host sync (see module docstring)
     if len(sizes) != num_experts:
         raise ValueError(
-            f"expert_idx must lie in [0, {num_experts}), found an index >= {num_experts}"
+            f"expert_idx values must lie in [0, {num_experts}) (expected indices < {num_experts}, "
+            f"got an index >= {num_experts})"
         )
     token_of = torch.div(order, k, rounding_mode="floor")
     x_sorted = x.index_select(0, token_of)  # [N*k, D], grouped by expert

@@ -1,0 +1,250 @@
+"""Data of the reference SSM recipe: the synthetic FACS benchmark (default) or the public manifests
+(BP4D / DISFA + DFEW / FERV39K / MAFW), split into train / validation / test per task.
+
+The validation split is carved from the training data: whole AU *subjects* (``AURecord.subject``,
+parsed by each dataset's convention, so it is subject-independent like the test folds) and random
+expression clips.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from facelayers import facs
+
+__all__ = [
+    "DataUnavailableError",
+    "DataBundle",
+    "build_datasets",
+    "build_real_datasets",
+    "build_synthetic_datasets",
+    "split_indices",
+    "split_by_subject",
+    "check_expression_vocabulary",
+    "SYNTHETIC_DEFAULT",
+    "SYNTHETIC_QUICK",
+]
+
+
+class DataUnavailableError(RuntimeError):
+    """Real-data options are incomplete or point to missing files."""
+
+
+@dataclass
+class DataBundle:
+    """Train / val / test datasets per task plus the label vocabularies.
+
+    Items follow the facelayers data contract: expression ``dict(clip [T,3,H,W], label, index)``,
+    AU ``dict(clip [T,3,H,W], labels [M] or [T,M], mask Bool[T], index)``.
+    """
+
+    expressions: tuple[str, ...]
+    aus: tuple[int, ...]
+    train: dict[str, Any]
+    val: dict[str, Any]
+    test: dict[str, Any]
+    au_test_positive_rate: list[float] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, val) index split with ``round(fraction * n)`` validation items (>= 1).
+
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1)`` or fewer than 2 items.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1) (expected 0 < fraction < 1, got {fraction})")
+    if n < 2:
+        raise ValueError(f"need at least 2 training items to carve a validation split (expected >= 2, got {n})")
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def _subject(record: Any) -> str:
+    """The record's subject id (``AURecord.subject``, parsed by :func:`facelayers.data.read_manifest`
+    with the dataset's convention)."""
+    subject = getattr(record, "subject", None)
+    if not subject:
+        raise ValueError(f"AU record {getattr(record, 'path', record)!r} has no subject (expected AURecord.subject, "
+                         "as read_manifest fills it, got None)")
+    return subject
+
+
+def split_by_subject(records: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, val) AU records with whole subjects in validation (no subject on both sides).
+
+    ``round(fraction * S)`` of the ``S`` subjects (at least one, at most ``S - 1``) go to
+    validation, drawn with :func:`split_indices` over the sorted subject ids.
+
+    Raises:
+        ValueError: fewer than 2 subjects, or ``fraction`` outside ``(0, 1)``.
+    """
+    subjects = sorted({_subject(r) for r in records})
+    if len(subjects) < 2:
+        raise ValueError(f"a subject-independent validation split needs at least 2 subjects "
+                         f"(expected >= 2, got {len(subjects)}: {subjects})")
+    _, va_i = split_indices(len(subjects), fraction, seed)
+    val_subjects = {subjects[i] for i in va_i}
+    return ([r for r in records if _subject(r) not in val_subjects],
+            [r for r in records if _subject(r) in val_subjects])
+
+
+#: Fewest clips of a MAFW manifest for which using none of MAFW's four extra classes means "not MAFW".
+MAFW_DETECT_MIN_CLIPS = 50
+
+
+def check_expression_vocabulary(records: Sequence[Any], dataset: str, path: str | os.PathLike) -> None:
+    """Refuse a 7-class (DFEW / FERV39K) manifest given as MAFW, where detectable: a MAFW manifest of
+    at least :data:`MAFW_DETECT_MIN_CLIPS` clips whose labels never leave the first 7 classes.
+
+    Raises:
+        DataUnavailableError: naming the file, what was expected and what the labels look like.
+    """
+    if dataset != "mafw" or len(records) < MAFW_DETECT_MIN_CLIPS:
+        return
+    top = max(int(r.label) for r in records)
+    if top < len(facs.EXPRESSIONS_7):
+        raise DataUnavailableError(
+            f"{os.fspath(path)}: labels use only classes 0..{top} over {len(records)} clips (expected a MAFW "
+            f"manifest with its 11 classes, got what looks like a 7-class DFEW / FERV39K manifest; pass "
+            f"--exp-dataset dfew or ferv39k)")
+
+
+def build_real_datasets(
+    *, frames: int, image_size: int, seed: int, val_fraction: float, au_dataset: str, au_root: str | None,
+    au_manifest: str | None, au_test_manifest: str | None, exp_dataset: str, exp_root: str | None,
+    exp_manifest: str | None, exp_test_manifest: str | None, au_select: str = "center",
+    tasks: Sequence[str] = ("exp", "au"),
+) -> DataBundle:
+    """Datasets from the public manifests (BP4D / DISFA and DFEW / FERV39K / MAFW).
+
+    The validation split is carved from the training manifest: whole AU subjects (so it is
+    subject-independent, like the test folds) and random expression clips.
+    """
+    from facelayers.data import AUClipDataset, ExpressionClipDataset, eval_transform, read_manifest, train_transform
+
+    need = []
+    if "au" in tasks:
+        need += [("--au-root", au_root), ("--au-manifest", au_manifest), ("--au-test-manifest", au_test_manifest)]
+    if "exp" in tasks:
+        need += [("--exp-root", exp_root), ("--exp-manifest", exp_manifest), ("--exp-test-manifest", exp_test_manifest)]
+    missing = [n for n, v in need if not v]
+    if missing:
+        raise DataUnavailableError(f"--data real needs {', '.join(missing)} (see docs/reference.md)")
+    for n, v in need:
+        if n.endswith("manifest") and not os.path.isfile(v):
+            raise DataUnavailableError(f"{n}: file not found: {v}")
+        if n.endswith("root") and not os.path.isdir(v):
+            raise DataUnavailableError(f"{n}: folder not found: {v}")
+    aus = facs.BP4D_AUS if au_dataset == "bp4d" else facs.DISFA_AUS
+    expressions = facs.MAFW_EXPRESSIONS if exp_dataset == "mafw" else facs.EXPRESSIONS_7
+    tr_tf, ev_tf = train_transform(image_size), eval_transform(image_size)
+    train, val, test = {}, {}, {}
+    rate = None
+    if "au" in tasks:
+        recs = read_manifest(au_manifest, au_dataset)
+        tr_recs, va_recs = split_by_subject(recs, val_fraction, seed)
+        kw = dict(num_frames=frames, label_mode=au_select)
+        train["au"] = AUClipDataset(tr_recs, au_root, train=True, transform=tr_tf, seed=seed, **kw)
+        val["au"] = AUClipDataset(va_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
+        te_recs = read_manifest(au_test_manifest, au_dataset)
+        test["au"] = AUClipDataset(te_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
+        lab = torch.tensor([r.labels for r in te_recs], dtype=torch.float64)
+        rate = lab.mean(0).tolist()
+    if "exp" in tasks:
+        recs = read_manifest(exp_manifest, exp_dataset)
+        check_expression_vocabulary(recs, exp_dataset, exp_manifest)
+        tr_i, va_i = split_indices(len(recs), val_fraction, seed)
+        train["exp"] = ExpressionClipDataset([recs[i] for i in tr_i], exp_root, num_frames=frames, train=True,
+                                             transform=tr_tf, seed=seed)
+        val["exp"] = ExpressionClipDataset([recs[i] for i in va_i], exp_root, num_frames=frames, transform=ev_tf)
+        test["exp"] = ExpressionClipDataset(read_manifest(exp_test_manifest, exp_dataset), exp_root,
+                                            num_frames=frames, transform=ev_tf)
+    return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate)
+
+
+def build_datasets(*, data: str, frames: int, image_size: int, seed: int, fold: int, quick: bool, size: float,
+                   data_seed: int = 0, class_balance: str = "uniform", nuisance: float | None = None,
+                   val_fraction: float, exp_fraction: float, au_fraction: float, au_dataset: str,
+                   au_root: str | None, au_manifest: str | None, au_test_manifest: str | None, exp_dataset: str,
+                   exp_root: str | None, exp_manifest: str | None, exp_test_manifest: str | None,
+                   au_select: str = "center", tasks: Sequence[str] = ("exp", "au")) -> DataBundle:
+    """Synthetic benchmark (default) or real datasets; see :func:`build_real_datasets`."""
+    if data == "real":
+        return build_real_datasets(
+            frames=frames, image_size=image_size, seed=seed, val_fraction=val_fraction, au_dataset=au_dataset,
+            au_root=au_root, au_manifest=au_manifest, au_test_manifest=au_test_manifest, exp_dataset=exp_dataset,
+            exp_root=exp_root, exp_manifest=exp_manifest, exp_test_manifest=exp_test_manifest, au_select=au_select,
+            tasks=tasks,
+        )
+    return build_synthetic_datasets(frames=frames, image_size=image_size, seed=data_seed, fold=fold, quick=quick,
+                                    size=size, val_fraction=val_fraction, au_dataset=au_dataset,
+                                    exp_dataset=exp_dataset, au_select=au_select, tasks=tasks,
+                                    class_balance=class_balance, nuisance=nuisance)
+
+
+#: Size of the default synthetic benchmark (``--synthetic-size`` scales the counts).
+SYNTHETIC_DEFAULT = dict(exp_clips=2000, au_subjects=40, au_sequences=2, au_sequence_length=48)
+SYNTHETIC_QUICK = dict(exp_clips=80, au_subjects=5, au_sequences=1, au_sequence_length=24)
+
+
+def build_synthetic_datasets(*, frames: int, image_size: int, seed: int, fold: int, quick: bool, size: float,
+                             val_fraction: float, au_dataset: str = "bp4d", exp_dataset: str = "dfew",
+                             au_select: str = "center", tasks: Sequence[str] = ("exp", "au"),
+                             class_balance: str = "uniform", nuisance: float | None = None) -> DataBundle:
+    """The synthetic FACS benchmark of :mod:`facelayers.data.synthetic` (in memory, no files).
+
+    Expression side: wild-like clips of the 7 (DFEW / FERV39K-like) or 11 (MAFW-like) classes, 5
+    stratified folds, test = fold ``fold``; validation = ``val_fraction`` of the other folds.
+    AU side: lab-like takes of BP4D-like (12) or DISFA-like (8) AUs, 3 subject folds, test = fold
+    ``fold``, validation = 15 % of the other subjects (subject-independent). ``seed`` is the
+    *benchmark* seed (the same benchmark for every training seed unless it changes).
+    """
+    from facelayers.data import ClipCompose, ClipNormalize, ClipRandomHorizontalFlip
+    from facelayers.data.synthetic import SyntheticAUDataset, SyntheticExpressionDataset
+
+    p = dict(SYNTHETIC_QUICK if quick else SYNTHETIC_DEFAULT)
+    if size != 1.0:
+        p = {k: max(1, int(round(v * size))) if k in ("exp_clips", "au_subjects") else v for k, v in p.items()}
+    aus = facs.BP4D_AUS if au_dataset == "bp4d" else facs.DISFA_AUS
+    expressions = facs.EXPRESSIONS_11 if exp_dataset == "mafw" else facs.EXPRESSIONS_7
+    train_tf = ClipCompose([ClipRandomHorizontalFlip(), ClipNormalize()])
+    eval_tf = ClipNormalize()
+    train, val, test = {}, {}, {}
+    rate = None
+    if "exp" in tasks:
+        n_folds = 5
+        if not 1 <= fold <= n_folds:
+            raise ValueError(f"--fold must be in 1..{n_folds} for the synthetic expression benchmark, got {fold}")
+        kw = dict(expressions=expressions, num_clips=max(p["exp_clips"], 5 * len(expressions)), num_frames=frames,
+                  image_size=image_size, seed=seed, num_folds=n_folds, fold=fold - 1, val_fraction=val_fraction,
+                  class_balance=class_balance)
+        if nuisance is not None:
+            kw["nuisance"] = float(nuisance)
+        train["exp"] = SyntheticExpressionDataset(split="train", transform=train_tf, item_seed=seed, **kw)
+        val["exp"] = SyntheticExpressionDataset(split="val", transform=eval_tf, **kw)
+        test["exp"] = SyntheticExpressionDataset(split="test", transform=eval_tf, **kw)
+    if "au" in tasks:
+        n_folds = 3
+        if not 1 <= fold <= n_folds:
+            raise ValueError(f"--fold must be in 1..{n_folds} for the synthetic AU benchmark, got {fold}")
+        kw = dict(aus=aus, num_subjects=max(p["au_subjects"], n_folds + 2), num_frames=frames, image_size=image_size,
+                  label_mode=au_select, seed=seed, num_folds=n_folds, fold=fold - 1,
+                  sequences_per_subject=p["au_sequences"], sequence_length=p["au_sequence_length"])
+        stride = max(1, frames // 2)
+        # fixed windows every T/2 frames (train=False: SyntheticAUDataset's random window shift can
+        # step past the end of a take at the time of writing, see the report of issue 8)
+        train["au"] = SyntheticAUDataset(split="train", transform=train_tf, stride=stride, train=False,
+                                         item_seed=seed, **kw)
+        val["au"] = SyntheticAUDataset(split="val", transform=eval_tf, stride=stride, **kw)
+        test["au"] = SyntheticAUDataset(split="test", transform=eval_tf, eval_cover=au_select == "center", **kw)
+        rate = test["au"].frame_labels.float().mean(0).tolist()
+    notes = {"synthetic": {**p, "class_balance": class_balance, "benchmark_seed": seed, "nuisance": nuisance}}
+    return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate, notes)
