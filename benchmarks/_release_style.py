@@ -21,8 +21,8 @@ Every switch is the model's own (``facelayers.models.ssm.SSMModel``): ``vision_p
 vision encoder on the expression frames, then on the AU frames (the order of ``Bp4dSSM.forward`` in
 the released ``ssm/models/bp4d.py``, read for understanding, not copied); ``set_cache_in_eval``;
 ``set_grad_checkpointing``; ``set_moe_backend`` with the masked per-expert loop, which is not a library
-backend: it is registered with ``facelayers.ops.grouped_experts.register_backend`` under
-:data:`RELEASE_BACKEND` (:func:`masked_loop_experts`). The masked loop is the one of ``release_dispatch.py``
+backend: ``release_dispatch.py`` registers it with ``facelayers.ops.grouped_experts.register_backend``
+under ``RELEASE_BACKEND`` (:func:`masked_loop_experts` sets it per layer). The masked loop is the one of ``release_dispatch.py``
 (``masked_loop``: a Python loop over (slot, expert) with boolean masks and a host sync, as the
 release dispatches, but with correct routing).
 
@@ -56,9 +56,6 @@ __all__ = [
     "release_step",
     "release_forward",
     "masked_loop_experts",
-    "release_expert_dispatch",
-    "register_release_backend",
-    "RELEASE_BACKEND",
     "set_text_cache",
     "peak_rss_delta",
     "rss_measurable",
@@ -177,33 +174,14 @@ def release_step(model: B.SSMModel, opt: torch.optim.Optimizer, eb: dict, ab: di
     return two_pass_step(model, opt, eb, ab, amp_dtype=None)
 
 
-#: Backend name of the release-style masked loop in ``facelayers.ops.grouped_experts``' registry.
-RELEASE_BACKEND = "release_masked_loop"
-
-
-def release_expert_dispatch(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                            b2: Tensor, activation: Any = "gelu") -> Tensor:
-    """The release's masked per-expert loop as a grouped-expert backend (``register_backend`` signature)."""
-    if activation != "gelu":
-        raise ValueError(f"the release-style masked loop implements activation 'gelu' only, got {activation!r}")
-    from release_dispatch import masked_loop
-
-    return masked_loop(x, expert_idx, weights, w1, b1, w2, b2)
-
-
-def register_release_backend() -> str:
-    """Register :func:`release_expert_dispatch` as :data:`RELEASE_BACKEND` (idempotent); returns the name."""
-    from facelayers.ops.grouped_experts import register_backend
-
-    register_backend(RELEASE_BACKEND, release_expert_dispatch, overwrite=True)
-    return RELEASE_BACKEND
-
-
 @contextlib.contextmanager
 def masked_loop_experts(model: B.SSMModel) -> Iterator[None]:
-    """Run every ``MoEFFN`` of ``model`` on the release's masked per-expert loop (the registered
-    :data:`RELEASE_BACKEND`), restoring each layer's backend on exit. Nothing is patched."""
+    """Run every ``MoEFFN`` of ``model`` on the release's masked per-expert loop (the backend
+    ``release_dispatch.RELEASE_BACKEND``, registered by ``release_dispatch``), restoring each layer's
+    backend on exit. Nothing is patched."""
     from facelayers.moe import iter_moe_layers
+
+    from release_dispatch import register_release_backend
 
     layers = list(iter_moe_layers(model))
     before = [m.backend for m in layers]

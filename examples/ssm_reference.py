@@ -6,6 +6,8 @@ cosine heads) from a random-init tiny CLIP on the synthetic FACS video benchmark
 on 2 CPU cores, evaluates it on held-out test data (model selection on a validation split carved
 from the training data), writes a run folder and prints a summary table. With arguments it runs the
 paper's setup (ViT-B/16 weights, BP4D/DISFA + DFEW/FERV39K/MAFW). See ``docs/reference.md``.
+``--recipe ssm_release`` trains the released code's model and training recipe instead (its loss,
+optimizer groups, schedule, EMA, clip mixup, router noise; ``docs/release_recipe.md``).
 
 The model is the library's (``facelayers.models.ssm``); this script is the recipe around it (CLI,
 data, training loop, evaluation, report). The model is assembled from its parts like this
@@ -28,6 +30,7 @@ model is built; a bad one prints ``error: ... (expected ..., got ...)`` and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -124,6 +127,17 @@ def rank_expert(text: str) -> str:
     return text
 
 
+def ema_decay_arg(text: str) -> float:
+    """``--ema-decay``: a number in [0, 1) (0 = no EMA), checked (argparse ``type=``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0 = off, the release uses 0.99), got {text!r}")
+    return v
+
+
 def rank_expert_values(text: str) -> tuple[int, int]:
     """``"RANK:EXPERT"`` (checked by :func:`rank_expert`) -> ``(rank, expert)``."""
     rank, expert = (int(v) for v in text.split(":"))
@@ -163,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=pos_int, default=2)
     g.add_argument("--moe-hidden", type=pos_int, default=None, help="private expert hidden size (default 2/3 width: 512 for ViT-B)")
     g.add_argument("--temporal-heads", type=pos_int, default=None, help="(default 8; 4 for tiny)")
-    g.add_argument("--au-select", choices=("center", "all"), default="center",
+    g.add_argument("--au-select", choices=("center", "all"), default=None,
                    help="supervise the centre frame (paper eq. 5) or all frames (released code)")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of vision blocks")
     g.add_argument("--vision-passes", type=int, choices=(1, 2), default=1,
@@ -227,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp-find-unused", action="store_true",
                    help="DDP find_unused_parameters=True instead of the zero-contribution trick")
     g.add_argument("--max-steps", type=pos_int, default=None, help="cap optimizer steps per epoch (debugging)")
+    g = p.add_argument_group("training recipe (docs/release_recipe.md)")
+    g.add_argument("--recipe", choices=("paper", "ssm_release"), default="paper",
+                   help="paper: the paper's training (default); ssm_release: the released code's model (release "
+                        "preset from the backbone's weights) and training (its loss, optimizer groups, schedule, "
+                        "EMA, AU clip mixup, router noise)")
+    g.add_argument("--ema-decay", type=ema_decay_arg, default=None,
+                   help="EMA of the weights, used for validation and the saved best checkpoint (0 = off; default "
+                        "0, ssm_release 0.99)")
+    g.add_argument("--mixup-alpha", type=nonneg_float, default=None,
+                   help="AU clip mixup, lam ~ Beta(a, a) per batch, seeded by --seed (0 = off; default 0, ssm_release 0.4)")
+    g.add_argument("--loss-balance", choices=("none", "moving_mean"), default=None,
+                   help="divide each loss term by its moving mean (0.95), restarted every epoch (default none, "
+                        "ssm_release moving_mean)")
+    g.add_argument("--router-noise", type=nonneg_float, default=None,
+                   help="std of the MoE router logit noise in training, seeded by --seed (0 = off; default: the "
+                        "model's, 0 for the paper model; ssm_release 0.01)")
+    g.add_argument("--lr-delta", type=pos_float, default=None, help="ssm_release: lr of the two DPM delta maps (1e-2)")
+    g.add_argument("--select-on", choices=("val", "test"), default="val",
+                   help="model selection split: val (carved from training data, default) or test (the release's "
+                        "protocol: every selected number is marked optimistic)")
     g = p.add_argument_group("diagnostics")
     g.add_argument("--check-replicas", action="store_true",
                    help="after training, verify that all DDP ranks hold identical parameters (writes ddp_check.json)")
@@ -262,9 +296,19 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                      lr=PAPER_LR, lr_visual=PAPER_LR_VISUAL, milestones=[10, 20])
         if args.quick:
             d.epochs, d.batch_exp, d.batch_au, d.milestones = 1, 2, 2, []
+    release = getattr(args, "recipe", "paper") == "ssm_release"
+    if release and args.backbone != "tiny":  # the release's schedule and batches (configs/*.json)
+        d.batch_au = 8 if not args.quick else d.batch_au
+        d.milestones = [15, 25] if not args.quick else d.milestones
     for k, v in vars(d).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    # the release recipe's pieces: its values under --recipe ssm_release, off otherwise
+    for k, on, off in (("ema_decay", 0.99, 0.0), ("mixup_alpha", 0.4, 0.0), ("loss_balance", "moving_mean", "none"),
+                       ("au_select", "all", "center"), ("lr_delta", 1e-2, 1e-2), ("router_noise", 0.01, None),
+                       ("select_on", "val", "val"), ("recipe", "paper", "paper")):
+        if getattr(args, k, None) is None:
+            setattr(args, k, on if release else off)
     if args.out is None:
         tag = args.mode if args.mode != "stl" else f"stl-{args.task}"
         args.out = os.path.join("runs", f"{tag}-seed{args.seed}" + ("-quick" if args.quick else ""))
@@ -448,6 +492,59 @@ def compute_losses(out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam
     return res
 
 
+class RecipePieces:
+    """The release recipe's pieces in the paper loop: ``--ema-decay``, ``--mixup-alpha``,
+    ``--loss-balance moving_mean`` (facelayers.training parts; docs/release_recipe.md)."""
+
+    def __init__(self, args: argparse.Namespace, core: nn.Module, device: torch.device, rank: int = 0) -> None:
+        from facelayers.training import ClipMixup, MovingMeanLossBalance, ParameterEMA
+
+        self.ema = ParameterEMA(core, args.ema_decay) if args.ema_decay > 0 else None
+        gen = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)
+        self.mixup = ClipMixup(args.mixup_alpha, generator=gen) if args.mixup_alpha > 0 else None
+        # one balance per task term, so a step without one task's batch leaves the other's mean alone
+        self.balance = ({t: MovingMeanLossBalance(1, device=device) for t in ("exp", "au")}
+                        if args.loss_balance == "moving_mean" else None)
+
+    @property
+    def active(self) -> bool:
+        return self.ema is not None or self.mixup is not None or self.balance is not None
+
+    def new_epoch(self) -> None:
+        for b in (self.balance or {}).values():
+            b.reset()
+
+    def averaged(self) -> Any:
+        return self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
+
+    def mix(self, ab: dict | None) -> tuple[dict | None, tuple[Tensor, float] | None]:
+        if self.mixup is None or ab is None:
+            return ab, None
+        clip, perm, lam = self.mixup(ab["clip"])
+        return dict(ab, clip=clip), (perm, lam)
+
+    def losses(self, out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam: float,
+               mix: tuple[Tensor, float] | None) -> dict[str, Tensor]:
+        from facelayers.losses import joint_loss
+
+        res = compute_losses(out, eb, ab, lam)
+        if mix is None and self.balance is None:
+            return res
+        l_exp, l_au = res.get("loss_exp"), res.get("loss_au")
+        if mix is not None and l_au is not None:
+            perm, m = mix
+            ab_b = dict(ab, labels=ab["labels"][perm])  # the partners' targets (and labelled frames)
+            if ab.get("mask") is not None:
+                ab_b["mask"] = ab["mask"][perm]
+            l_au = m * l_au + (1 - m) * compute_losses(out, None, ab_b, lam)["loss_au"]
+            res["loss_au"] = l_au
+        if self.balance is not None:
+            l_exp = self.balance["exp"](l_exp)[0] if l_exp is not None else None
+            l_au = self.balance["au"](l_au)[0] if l_au is not None else None
+        res["loss"] = joint_loss(l_exp, l_au, lam=lam, renormalize_missing=(l_exp is None) != (l_au is None))
+        return res
+
+
 def to_device(batch: dict | None, device: torch.device) -> dict | None:
     if batch is None:
         return None
@@ -487,10 +584,13 @@ def make_pairs(loaders: dict[str, Any], args: argparse.Namespace) -> Any:
 
 
 def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: torch.optim.Optimizer,
-                    args: argparse.Namespace, device: torch.device, dd: Dist, epoch: int) -> dict[str, float]:
+                    args: argparse.Namespace, device: torch.device, dd: Dist, epoch: int,
+                    pieces: RecipePieces | None = None) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     model.train()
+    if pieces is not None:
+        pieces.new_epoch()
     sums: dict[str, float] = {}
     n = 0
     pairs.set_epoch(epoch)
@@ -512,12 +612,17 @@ def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: tor
         if exp_clips is not None and au_clips is not None and au_clips.shape[1] != t:
             raise ValueError(f"expression clips have {t} frames, AU clips {au_clips.shape[1]}; use the same --frames")
         optimizer.zero_grad(set_to_none=True)
+        mix = None
+        if pieces is not None:
+            ab, mix = pieces.mix(ab)
+            au_clips = ab["clip"] if ab is not None else None
         # per-sample task routing of the concatenated pass (the forward would set it up by itself;
         # activation checkpointing carries the task ids into its recomputation, see facelayers.moe)
         with core.routing(n_exp, n_au, t, device):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(exp_clips, au_clips)
-            losses = compute_losses(out, eb, ab, args.lam)
+            losses = (pieces.losses(out, eb, ab, args.lam, mix) if pieces is not None
+                      else compute_losses(out, eb, ab, args.lam))
             loss = losses["loss"]
             if dd.enabled and not args.ddp_find_unused:
                 loss = loss + zero_contribution(core)
@@ -525,6 +630,8 @@ def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: tor
         if args.clip_grad and args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], args.clip_grad)
         optimizer.step()
+        if pieces is not None and pieces.ema is not None:
+            pieces.ema.update()
         n += 1
         for k, v in losses.items():  # device tensors: no host sync per step
             sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
@@ -541,6 +648,60 @@ def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: tor
         dist.all_reduce(t)  # on the training device: nccl needs CUDA tensors
         t = t / dd.world
     res = {k: float(v) for k, v in zip(keys, t.cpu())}
+    res["steps"] = n
+    return res
+
+
+def build_release_core(args: argparse.Namespace, clip: nn.Module, data: Any) -> SSMModel:
+    """``--recipe ssm_release``: the release preset started from the backbone's weights."""
+    from facelayers.models.ssm import moe_block_indices, moe_hidden_default, vision_layers, vision_width
+    from facelayers.models.ssm.release_recipe import release_model_from_clip
+
+    core = release_model_from_clip(
+        clip, args.au_dataset, args.exp_dataset, num_frames=args.frames,
+        moe_blocks=moe_block_indices(args.moe_blocks, vision_layers(clip)), num_experts=args.num_experts,
+        top_k=args.top_k, expert_hidden=args.moe_hidden or moe_hidden_default(vision_width(clip)), n_ctx=args.n_ctx)
+    r = core.release
+    if tuple(r.expressions) != tuple(data.expressions) or tuple(r.aus) != tuple(data.aus):
+        raise cli.UsageError(f"--recipe ssm_release: the data's labels do not fit the release model of {args.au_dataset}+{args.exp_dataset} "
+                         f"(expected expressions {list(r.expressions)} and AUs {list(r.aus)}, got "
+                         f"{list(data.expressions)} and {list(data.aus)})")
+    return core
+
+
+def train_one_epoch_release(core: SSMModel, pairs: Any, recipe: Any, args: argparse.Namespace,
+                            device: torch.device, dd: Dist, epoch: int) -> dict[str, float]:
+    """One epoch of ``--recipe ssm_release`` (facelayers.models.ssm.release_recipe.ReleaseRecipe)."""
+    from tqdm.auto import tqdm
+
+    core.train()
+    pairs.set_epoch(epoch)
+    recipe.start_epoch(epoch)  # restarts the moving means
+    steps_per_epoch = min(len(pairs), args.max_steps) if args.max_steps else len(pairs)
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=args.no_progress or not dd.main, dynamic_ncols=True)
+    names = ("loss_exp", "loss_au", "loss_exp_text", "loss_au_text")
+    sums: Tensor | None = None
+    n = 0
+    for step, (eb, ab) in enumerate(pairs):
+        if step >= steps_per_epoch:
+            break
+        if eb is None or ab is None:
+            raise ValueError("--recipe ssm_release trains on one expression and one AU batch per step (expected both, "
+                             f"got {'no expression' if eb is None else 'no AU'} batch; check --exp-fraction / --au-fraction)")
+        eb, ab = to_device(eb, device), to_device(ab, device)
+        r = recipe.step(eb["clip"], eb["label"], ab["clip"], ab["labels"].float())
+        vals = torch.stack([r.loss.total.float(), *[t.float() for t in r.loss.terms]])
+        sums = vals if sums is None else sums + vals  # device tensors: no host sync per step
+        n += 1
+        if n % 10 == 0 or n == steps_per_epoch:
+            shown = (sums / n).tolist()
+            if not all(math.isfinite(v) for v in shown):
+                raise FloatingPointError(f"non-finite loss {shown} by epoch {epoch + 1} step {step + 1}")
+            bar.set_postfix({"loss": f"{shown[0]:.3f}"})
+        bar.update(1)
+    bar.close()
+    res = {k: float(v) / max(n, 1) for k, v in zip(("loss", *names), (sums if sums is not None else torch.zeros(5)).tolist())}
     res["steps"] = n
     return res
 
@@ -634,13 +795,14 @@ def chance_levels(data: Any, cfg: ModelConfig) -> dict[str, float]:
     return res
 
 
-def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConfig, seconds: float) -> str:
+def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConfig, seconds: float, *,
+                  recipe: str = "paper", optimistic: bool = False) -> str:
     lines = []
     title = f"SSM reference | mode={cfg.mode}" + (f" task={cfg.tasks[0]}" if cfg.mode == "stl" else "") + \
-        f" | backbone={cfg.backbone} | {seconds / 60:.1f} min"
+        f" | backbone={cfg.backbone}" + (f" | recipe={recipe}" if recipe != "paper" else "") + f" | {seconds / 60:.1f} min"
     lines.append(title)
     lines.append("-" * max(len(title), 48))
-    lines.append(f"{'metric':<28}{'test':>10}{'chance':>10}")
+    lines.append(f"{'metric':<28}{'test*' if optimistic else 'test':>10}{'chance':>10}")
     if "exp" in test:
         lines.append(f"{'expression UAR':<28}{100 * test['exp']['uar']:>10.2f}{100 * chance['uar']:>10.2f}")
         lines.append(f"{'expression WAR':<28}{100 * test['exp']['war']:>10.2f}{'':>10}")
@@ -653,6 +815,9 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
         for k, v in test["au"]["f1_per_au"].items():
             lines.append(f"{'  F1 ' + k:<28}{('%10.2f' % (100 * v)) if v is not None else '       n/a'}")
     lines.append("(chance: UAR = 1/K; AU F1 = predicting every AU active; AUC = 50)")
+    if optimistic:
+        lines.append("* OPTIMISTIC: the checkpoint was selected on the test split (--select-on test, the released "
+                     "code's protocol)")
     return "\n".join(lines)
 
 
@@ -812,15 +977,39 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.debug_drop_expert:  # a router that skips one expert on one rank (other ranks only count tokens)
         r, e = rank_expert_values(args.debug_drop_expert)
         dropper = ExpertDropper(e, cfg.num_experts, drop=r == dd.rank)
-    core = assemble_model(cfg, clip, router_layer=dropper.router_layer if dropper else None).to(device)
+    release = args.recipe == "ssm_release"
+    if release:
+        core = build_release_core(args, clip, data).to(device)
+        cfg = core.cfg
+    else:
+        core = assemble_model(cfg, clip, router_layer=dropper.router_layer if dropper else None).to(device)
+    if args.router_noise is not None:
+        from facelayers.models.ssm.release_recipe import set_router_noise_
+
+        set_router_noise_(core, args.router_noise)  # drawn from torch's RNG, seeded by --seed
     if dropper is not None:
         dropper.attach(core)
     maps_before = None
     if core.mapping is not None and hasattr(core.mapping, "maps"):
         with torch.no_grad():
             maps_before = tuple(m.detach().float().cpu() for m in core.mapping.maps())
-    optimizer = build_optimizer(core, lr=args.lr, lr_visual=args.lr_visual, weight_decay=args.weight_decay)
-    scheduler = build_scheduler(optimizer, milestones=args.milestones, gamma=args.gamma)
+    recipe, pieces = None, None
+    if release:
+        from facelayers.models.ssm.release_recipe import ReleaseRecipe, ReleaseRecipeConfig
+
+        recipe = ReleaseRecipe(core, ReleaseRecipeConfig(
+            epochs=args.epochs, milestones=tuple(args.milestones), lr_gamma=args.gamma, lr_vision=args.lr_visual,
+            lr_delta=args.lr_delta, lr_other=args.lr, weight_decay=args.weight_decay,
+            grad_clip=args.clip_grad or None, ema_decay=args.ema_decay or None, mixup_alpha=args.mixup_alpha,
+            loss_balance=args.loss_balance, router_noise=None), generator=torch.Generator().manual_seed(args.seed * 1000 + 17))
+        optimizer, scheduler = recipe.optimizer, recipe.scheduler
+    else:
+        optimizer = build_optimizer(core, lr=args.lr, lr_visual=args.lr_visual, weight_decay=args.weight_decay)
+        scheduler = build_scheduler(optimizer, milestones=args.milestones, gamma=args.gamma)
+        pieces = RecipePieces(args, core, device, dd.rank)
+        pieces = pieces if pieces.active else None
+    averaged = (recipe.averaged if recipe is not None else pieces.averaged if pieces is not None
+                else contextlib.nullcontext)
 
     run_dir = args.out
     ckpt = os.path.join(run_dir, "checkpoint")
@@ -830,6 +1019,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and os.path.isfile(os.path.join(ckpt, "trainer.json")):
         load_weights(core, ckpt, "last")
         meta = load_optimizer(optimizer, ckpt)
+        if pieces is not None and pieces.ema is not None:
+            from safetensors.torch import load_file as _load
+
+            if not os.path.isfile(os.path.join(ckpt, "ema.safetensors")):
+                raise FileNotFoundError(f"--resume: {ckpt} holds no EMA state (expected ema.safetensors from a run with "
+                                 f"--ema-decay {args.ema_decay}, got none)")
+            pieces.ema.load_state_dict(_load(os.path.join(ckpt, "ema.safetensors")))
+            if pieces.mixup is not None:
+                pieces.mixup.generator.set_state(_load(os.path.join(ckpt, "rng.safetensors"))["mixup"])
         start_epoch = int(meta["epoch"]) + 1
         history = meta.get("history", [])
         best = meta.get("best", best)
@@ -872,6 +1070,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     eval_batch = max(args.batch_exp, args.batch_au)
     val_loaders = {t: make_eval_loader(data.val[t], eval_batch, dd, args.workers) for t in cfg.tasks}
     test_loaders = {t: make_eval_loader(data.test[t], eval_batch, dd, args.workers) for t in cfg.tasks}
+    optimistic = args.select_on == "test"
+    select_loaders = test_loaders if optimistic else val_loaders
+    recipe_record = recipe_config(args, recipe, core)
+    if dd.main:
+        with open(os.path.join(run_dir, "recipe.json"), "w") as f:
+            json.dump(recipe_record, f, indent=2)
 
     if dd.main:
         n_train = {t: len(data.train[t]) for t in cfg.tasks}
@@ -883,28 +1087,40 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     for epoch in range(start_epoch, args.epochs):
         t_ep = time.time()
         lr_used = optimizer.param_groups[-1]["lr"]
-        tr = train_one_epoch(model, core, pairs, optimizer, args, device, dd, epoch)
-        scheduler.step()
+        if recipe is not None:
+            tr = train_one_epoch_release(core, pairs, recipe, args, device, dd, epoch)
+            recipe.end_epoch()  # MultiStepLR
+        else:
+            tr = train_one_epoch(model, core, pairs, optimizer, args, device, dd, epoch, pieces)
+            scheduler.step()
         t_ev = time.time()
-        val = evaluate(core, val_loaders, device, dd, args)
-        tr["train_s"], tr["eval_s"] = t_ev - t_ep, time.time() - t_ev
-        score = selection_score(val)
+        with averaged():  # EMA weights (when on) for selection and the best checkpoint, as the release
+            val = evaluate(core, select_loaders, device, dd, args)
+            tr["train_s"], tr["eval_s"] = t_ev - t_ep, time.time() - t_ev
+            score = selection_score(val)
+            improved = score > best["score"] or best["epoch"] < 0
+            if improved and dd.main:
+                save_best(core, ckpt, {"epoch": epoch + 1, args.select_on: val, "args": _args_json(args),
+                                       "recipe": recipe_record})
         rec = {"epoch": epoch + 1, **{k: v for k, v in tr.items() if k not in ("steps", "train_s", "eval_s")},
-               **flat_metrics("val", val),
-               "val/score": score, "lr": lr_used}
+               **flat_metrics(args.select_on, val),
+               f"{args.select_on}/score": score, "lr": lr_used}
         history.append(rec)
-        improved = score > best["score"] or best["epoch"] < 0
         if improved:
             best = {"score": score, "epoch": epoch + 1}
         if dd.main:
             print("[ssm] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
                   + f" ({tr['steps']} steps {tr['train_s']:.0f}s, eval {tr['eval_s']:.0f}s)", file=sys.stderr)
-            if improved:
-                save_model(core, ckpt, {"epoch": epoch + 1, "val": val, "args": _args_json(args)}, name="best")
-            save_model(core, ckpt, {"epoch": epoch + 1, "args": _args_json(args)}, name="last")
+            if recipe is None:  # --resume state (the release recipe does not resume)
+                save_model(core, ckpt, {"epoch": epoch + 1, "args": _args_json(args)}, name="last")
             from safetensors.torch import save_file
 
-            save_file({"torch": torch.get_rng_state()}, os.path.join(ckpt, "rng.safetensors"))
+            rng_state = {"torch": torch.get_rng_state()}
+            if pieces is not None and pieces.mixup is not None:
+                rng_state["mixup"] = pieces.mixup.generator.get_state()
+            save_file(rng_state, os.path.join(ckpt, "rng.safetensors"))
+            if pieces is not None and pieces.ema is not None:
+                save_file(pieces.ema.state_dict(), os.path.join(ckpt, "ema.safetensors"))
             save_optimizer(optimizer, ckpt, {
                 "epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
                 "rng": json.dumps(random.getstate()),
@@ -917,14 +1133,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     # model selection: the best validation epoch; the test split is only touched here
     if os.path.isfile(os.path.join(ckpt, "best.safetensors")):
-        load_weights(core, ckpt, "best")
+        load_best(core, ckpt)
     test = evaluate(core, test_loaders, device, dd, args)
+    if optimistic:  # every number of a test-selected checkpoint is optimistic
+        for part in test.values():
+            part["optimistic"] = True
     seconds = time.time() - t0
     chance = chance_levels(data, cfg)
     result = {
         "config": cfg.to_json(), "args": _args_json(args), "best_epoch": best["epoch"], "val_score": best["score"],
         "test": test, "chance": chance, "history": history, "seconds": seconds, "world_size": dd.world,
+        "selection": {"split": args.select_on, "optimistic": optimistic},
     }
+    if recipe_record["recipe"] != "paper" or pieces is not None or optimistic:
+        result["recipe"] = recipe_record
     if replica_info is not None:
         result["ddp_check"] = replica_info
     if core.mapping is not None and hasattr(core.mapping, "maps"):
@@ -936,13 +1158,51 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             json.dump(result, f, indent=2)
         if not args.no_plots:
             result["plots"] = write_plots(run_dir, core, history, test, maps_before)
-        table = summary_table(test, chance, cfg, seconds)
+        table = summary_table(test, chance, cfg, seconds, recipe=args.recipe, optimistic=optimistic)
         with open(os.path.join(run_dir, "summary.txt"), "w") as f:
             f.write(table + "\n")
         print(table)
     if dd.enabled:
         dist.barrier()
     return result
+
+
+def recipe_config(args: argparse.Namespace, recipe: Any, core: nn.Module) -> dict[str, Any]:
+    """Every training-recipe option in force (written to ``recipe.json`` and ``metrics.json``)."""
+    rec: dict[str, Any] = {
+        "recipe": args.recipe, "ema_decay": args.ema_decay, "mixup_alpha": args.mixup_alpha,
+        "mixup_seed": args.seed * 1000 + 17 if args.mixup_alpha > 0 else None, "loss_balance": args.loss_balance,
+        "router_noise": args.router_noise, "router_noise_seed": args.seed, "select_on": args.select_on,
+        "selection_optimistic": args.select_on == "test", "au_select": args.au_select,
+    }
+    if recipe is not None:
+        rec["release_recipe"] = recipe.describe()
+        rec["release_architecture"] = core.release.to_json()
+        rec["not_reproduced"] = ["the release's data choices (AU windows without short runs / run tails, its "
+                                 "expression segment sampling, no random erasing, CLIP normalisation)",
+                                 "the release's AU F1 tuned on the test labels (reported: F1@0.5)"]
+    return rec
+
+
+def save_best(core: nn.Module, ckpt: str, extra: dict[str, Any]) -> None:
+    """The selected checkpoint (the release preset in its own format)."""
+    from facelayers.models.ssm.release import ReleaseSSMModel, save_release_model
+
+    if isinstance(core, ReleaseSSMModel):
+        save_release_model(core, ckpt, name="best", extra=extra)
+    else:
+        save_model(core, ckpt, extra, name="best")
+
+
+def load_best(core: nn.Module, ckpt: str) -> None:
+    from facelayers.models.ssm.release import ReleaseSSMModel
+
+    if isinstance(core, ReleaseSSMModel):
+        from facelayers.io import load_module
+
+        load_module(core, os.path.join(ckpt, "best.safetensors"), device=str(next(core.parameters()).device))
+    else:
+        load_weights(core, ckpt, "best")
 
 
 def _args_json(args: argparse.Namespace) -> dict[str, Any]:
@@ -959,6 +1219,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     import open_clip
 
     err = cli.UsageError
+    ocfg: dict[str, Any] = {}
     if args.backbone == "tiny":
         if args.pretrained:
             raise err(f"--pretrained: the tiny backbone is random-init only (expected no --pretrained, or --backbone "
@@ -972,9 +1233,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise err(f"--backbone: unknown model (expected 'tiny' or an open_clip name such as 'ViT-B-16', got "
                       f"{args.backbone!r})")
         p = args.pretrained
-        if p and (os.sep in p or p.endswith((".pt", ".bin", ".pth", ".safetensors"))) and not os.path.isfile(p):
+        if not p or os.path.isfile(p):
+            pass
+        elif os.sep in p or p.endswith((".pt", ".bin", ".pth", ".safetensors")):
             raise err(f"--pretrained: weights file not found (expected an existing checkpoint file or an open_clip "
                       f"tag such as 'openai', got {p!r})")
+        elif p not in open_clip.list_pretrained_tags_by_model(args.backbone):
+            tags = open_clip.list_pretrained_tags_by_model(args.backbone)
+            raise err(f"--pretrained: unknown tag for {args.backbone} (expected a checkpoint file or one of {tags}, "
+                      f"got {p!r})")
         ocfg = open_clip.get_model_config(args.backbone) or {}
         width, layers = ocfg.get("embed_dim"), ocfg.get("vision_cfg", {}).get("layers")
     args = resolve_defaults(args)
@@ -998,9 +1265,36 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         from facelayers.models.ssm import moe_block_indices
 
         try:
-            moe_block_indices(args.moe_blocks, layers)
+            blocks = moe_block_indices(args.moe_blocks, layers)
         except (ValueError, TypeError) as e:
             raise err(f"--moe-blocks: {e}") from None
+        if args.debug_drop_expert and not blocks:
+            raise err(f"--debug-drop-expert: needs MoE layers (expected --moe-blocks naming at least one block, "
+                      f"got {args.moe_blocks!r})")
+    if args.recipe == "ssm_release":
+        if args.mode != "ssm":
+            raise err(f"--recipe ssm_release: trains the release's SSM (expected --mode ssm, got --mode {args.mode})")
+        if args.au_select != "all":
+            raise err("--au-select: the release supervises every frame (expected all with --recipe ssm_release, got "
+                      f"{args.au_select})")
+        if args.frames % 2:
+            raise err(f"--frames: the release smooths AU logits over frame pairs (expected an even number, got {args.frames})")
+        if args.resume:
+            raise err("--resume: not available with --recipe ssm_release (expected a fresh run, got --resume)")
+        if args.debug_drop_expert:
+            raise err("--debug-drop-expert: a DDP diagnostic (expected no --debug-drop-expert with --recipe ssm_release)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise err("--recipe ssm_release: runs in one process (expected no torchrun, got WORLD_SIZE="
+                      f"{os.environ.get('WORLD_SIZE')})")
+        for name in ("no_tsp", "no_dpm", "no_dual", "freeze_dpm"):
+            if getattr(args, name):
+                raise err(f"--{name.replace('_', '-')}: the release model has TSP and a dual learnable DPM (expected "
+                          f"no --{name.replace('_', '-')} with --recipe ssm_release)")
+    elif args.recipe == "paper" and args.lr_delta != 1e-2:
+        raise err("--lr-delta: only the release recipe has a delta-map group (expected --recipe ssm_release, got "
+                  "--recipe paper)")
+    if args.mixup_alpha > 0 and args.mode == "stl" and args.task == "exp":
+        raise err("--mixup-alpha: mixes AU clips only (expected an AU task, got --mode stl --task exp)")
     if sorted(set(args.milestones)) != list(args.milestones):
         raise err(f"--milestones: expected increasing distinct epochs, got {args.milestones}")
     if args.dpm_variant == "ssm_release":
@@ -1022,11 +1316,41 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         missing = ["--" + n.replace("_", "-") for n in need if not getattr(args, n)]
         if missing:
             raise err(f"--data real: missing options (expected {', '.join(missing)}, got none; see docs/reference.md)")
-    cfg = model_config(args, facs.EXPRESSIONS_7, facs.BP4D_AUS)
+    expressions = facs.EXPRESSIONS_11 if args.exp_dataset == "mafw" else facs.EXPRESSIONS_7
+    cfg = model_config(args, expressions, facs.BP4D_AUS if args.au_dataset == "bp4d" else facs.DISFA_AUS)
     try:
         cfg.validate()
     except ValueError as e:
         raise err(f"invalid model options: {e}") from None
+    if cfg.uses_text:  # every prompt (context tokens + description + start/end) must fit the text context
+        from open_clip.tokenizer import SimpleTokenizer
+
+        from facelayers.models.ssm import descriptions_for
+
+        context = (clip_kw if args.backbone == "tiny" else ocfg).get("text_cfg", {}).get("context_length", 77)
+        tok = SimpleTokenizer()
+        longest = max(len(tok.encode(d)) for d in sum(descriptions_for(cfg), []))
+        if args.n_ctx + longest + 2 > context:
+            raise err(f"--n-ctx: prompts too long for the text context of {context} tokens (expected n_ctx <= "
+                      f"{context - longest - 2} with descriptions of up to {longest} tokens, got {args.n_ctx})")
+    ckpt = os.path.join(args.out, "checkpoint")
+    if args.resume and os.path.isfile(os.path.join(ckpt, "trainer.json")):
+        from facelayers.io import read_json
+        from facelayers.models.ssm import verify_checkpoint
+
+        ck_cfg, _, _ = verify_checkpoint(ckpt, "last")  # CheckpointError naming the file: a bad argument
+        read_json(os.path.join(ckpt, "trainer.json"))
+        if cfg.clip_kwargs is None and args.backbone == "tiny":
+            cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
+        img = (cfg.clip_kwargs or ocfg).get("vision_cfg", {}).get("image_size", ck_cfg.image_size)
+        cfg.image_size = int(img[0] if isinstance(img, (tuple, list)) else img)
+        from facelayers.models.ssm import EXECUTION_FIELDS
+
+        mine, theirs = cfg.to_json(), ck_cfg.to_json()
+        for k in sorted(mine):
+            if k not in EXECUTION_FIELDS and mine[k] != theirs.get(k):
+                raise err(f"--resume: {ckpt} was trained with other options ({k}: expected {theirs.get(k)!r} as "
+                          f"in the checkpoint, got {mine[k]!r})")
     return args
 
 

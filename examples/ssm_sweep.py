@@ -14,13 +14,14 @@ there is skipped), so several sweeps with disjoint ``--configs`` can run side by
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from facelayers.models import cli
 
 
 
@@ -31,6 +32,7 @@ def _load_reference() -> Any:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssm_reference.py")
     spec = importlib.util.spec_from_file_location("ssm_reference", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -74,7 +76,7 @@ def run_sweep(out: str, configs: Sequence[str], seeds: Sequence[int], extra: Seq
             argv = [*flags, "--seed", str(seed), "--out", os.path.join(out, f"{name}-seed{seed}"), "--no-progress",
                     "--no-plots", *extra]
             print(f"[sweep] {name} seed {seed}: {' '.join(argv)}", file=sys.stderr)
-            res = R.run(R.build_parser().parse_args(argv))
+            res = R.run(R.validate_args(R.build_parser().parse_args(argv)))
             test = res["test"]
             row = {"config": name, "seed": seed, "argv": argv, "seconds": res["seconds"],
                    "uar": test.get("exp", {}).get("uar"), "war": test.get("exp", {}).get("war"),
@@ -117,22 +119,32 @@ def make_table(out: str) -> str:
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("runs", "sweep"))
+    p = cli.ScriptArgumentParser(prog="ssm_sweep.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=cli.output_folder, default=os.path.join("runs", "sweep"))
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=sorted(CONFIGS))
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="*", type=cli.nonnegative_int, default=[0, 1, 2])
     p.add_argument("--table", action="store_true", help="only print / write the table from results.jsonl")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     args = p.parse_args(argv)
     if not args.table:
+        for name in args.configs:  # every run's arguments are checked before the first run starts
+            flags, _ = CONFIGS[name]
+            R.validate_args(R.build_parser().parse_args([*flags, "--out", os.path.join(args.out, "check"), *extra]))
         run_sweep(args.out, args.configs, args.seeds, extra)
+    elif not os.path.isfile(os.path.join(args.out, "results.jsonl")):
+        raise cli.UsageError(f"--table: no results yet (expected {os.path.join(args.out, 'results.jsonl')}, got no such file)")
     print(make_table(args.out))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: ``error: ...`` + exit code 2 for every user error (``--debug``: traceback)."""
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ from .prior_mapping import (
     build_prior_mapping,
 )
 from .prompts import CLIPTextTower, PromptLearner, StoredPromptLearner, TextPrototypes
+from .io import CheckpointError, inspect_safetensors, load_module, save_module
+from .params import optimizer_param_groups, pretrained_and_new
 from .training import ClipMixup, MovingMeanLossBalance, ParameterEMA, mix_clips, mixup_loss, sigmoid_ramp
 
 from .losses import au_loss, expression_loss, joint_loss
@@ -210,6 +212,13 @@ __all__ = [
     "parse_subject",
     "group_by_subject",
     "subject_split",
+    # checkpoints and parameter groups
+    "CheckpointError",
+    "inspect_safetensors",
+    "save_module",
+    "load_module",
+    "pretrained_and_new",
+    "optimizer_param_groups",
     # training utilities
     "ParameterEMA",
     "ClipMixup",

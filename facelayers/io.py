@@ -85,9 +85,9 @@ def read_json(path: str | os.PathLike) -> Any:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(path, "file not found (expected a JSON file)")
+        raise CheckpointError(path, "file not found (expected a JSON file, got no such file)")
     if os.path.isdir(path):
-        raise CheckpointError(path, "is a folder (expected a JSON file)")
+        raise CheckpointError(path, "is a folder (expected a JSON file, got a folder)")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -130,9 +130,9 @@ _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 def _sniff(path: str) -> None:
     """Refuse what is obviously not a safetensors file, naming what it looks like."""
     if not os.path.exists(path):
-        raise CheckpointError(path, "file not found (expected a .safetensors weights file)")
+        raise CheckpointError(path, "file not found (expected a .safetensors weights file, got no such file)")
     if os.path.isdir(path):
-        raise CheckpointError(path, "is a folder (expected a .safetensors weights file)")
+        raise CheckpointError(path, "is a folder (expected a .safetensors weights file, got a folder)")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(path, "is empty (expected a safetensors file, got 0 bytes)")

@@ -154,7 +154,8 @@ def plot_au_timeline(
     """AU probabilities over a video: a heat strip (AUs x time) and per-AU curves.
 
     Args:
-        probs: ``[T, M]`` per-frame AU probabilities in ``[0, 1]``.
+        probs: ``[T, M]`` per-frame AU probabilities in ``[0, 1]``; NaN rows (e.g. frames where
+            no face was found) are drawn as gaps: grey cells in the heat strip, breaks in the curves.
         au_names: ``M`` AU codes or labels.
         fps: frames per second for a time axis in seconds (frame index when ``None``).
         threshold: decision threshold drawn on the curves.
@@ -182,7 +183,8 @@ def plot_au_timeline(
                                    sharex=True, gridspec_kw=dict(height_ratios=[1, 1.3]))
     extent = (float(x[0]) - 0.5 * (float(x[1] - x[0]) if t_len > 1 else 0.5),
               float(x[-1]) + 0.5 * (float(x[1] - x[0]) if t_len > 1 else 0.5), m - 0.5, -0.5)
-    im = ax0.imshow(p.T.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+    heat = plt.get_cmap("magma").with_extremes(bad="lightgray")  # NaN = no value (no face in that frame)
+    im = ax0.imshow(p.T.numpy(), aspect="auto", cmap=heat, vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
     ax0.set_yticks(range(m), aus, fontsize=7)
     if labels is not None:
         rr, cc = torch.nonzero(lab.T > 0.5, as_tuple=True)

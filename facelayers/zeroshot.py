@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from facelayers.assets import TINY_FACS_CLIP, load_compact_clip
 
         path = args.checkpoint or TINY_FACS_CLIP
-        model, name = load_compact_clip(path), os.path.basename(str(path))
+        model = load_compact_clip(path)
+        name = os.path.basename(str(path)) if args.checkpoint else "tiny FACS CLIP (shipped)"
     out = synthetic_zero_shot(model)
     print(f"{name}: AU AUC {out['au']['mean']:.3f} | expression UAR "
           + " | ".join(f"{k} {v['uar']:.3f}" for k, v in out["exp"].items()))

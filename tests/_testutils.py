@@ -15,7 +15,7 @@ def tiny_clip_kwargs(embed_dim: int = 32) -> dict:
 
 def load_example(name: str):
     """``examples/<name>.py`` as a module, loaded from its path (``examples/`` holds scripts, not a
-    package: nothing puts it on ``sys.path``). Loaded once per test session."""
+    package: nothing adds it to the import path). Loaded once per test session."""
     import importlib.util
     import sys
     from pathlib import Path

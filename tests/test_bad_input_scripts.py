@@ -5,6 +5,7 @@ two cases run as real subprocesses."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,11 +76,15 @@ REFERENCE_CASES = {
     "seed_text": (["--seed", "abc"], "--seed"),
     "unknown_backbone": (["--backbone", "NoSuchNet-B-99"], "--backbone"),
     "pretrained_on_tiny": (["--pretrained", "openai"], "--pretrained"),
+    "pretrained_unknown_tag": (["--backbone", "ViT-B-16", "--pretrained", "opnai"], "--pretrained"),
+    "pretrained_missing_file": (["--backbone", "ViT-B-16", "--pretrained", "/no/such/ViT-B-16.pt"], "--pretrained"),
     "release_dpm_alpha": (["--dpm-variant", "ssm_release", "--alpha", "1.5"], "--alpha"),
     "unknown_option": (["--epoch", "3"], "--epoch"),
     "bad_choice": (["--mode", "joint"], "--mode"),
     "real_data_missing_options": (["--data", "real"], "--data real"),
     "device_unknown": (["--device", "tpu"], "--device"),
+    "n_ctx_too_long": (["--n-ctx", "80"], "--n-ctx"),
+    "tiny_with_named_backbone": (["--backbone", "ViT-B-16", "--tiny", "32,8,64,2"], "--tiny"),
 }
 
 
@@ -105,6 +110,16 @@ def test_reference_rejects_out_that_is_a_file(capsys, tmp_path):
 def test_reference_rejects_missing_manifest(capsys, tmp_path):
     rc = R.main(["--data", "real", "--exp-manifest", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r")])
     _check_error(rc, capsys.readouterr().err, "--exp-manifest", "nope.txt")
+
+
+def test_reference_rejects_broken_resume_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer.json").write_text("{}")
+    (ckpt / "last.json").write_text(json.dumps({"config": {}}))
+    (ckpt / "last.safetensors").write_bytes(b"")
+    rc = R.main(["--resume", "--out", str(tmp_path / "run")])
+    _check_error(rc, capsys.readouterr().err, "last.safetensors", "0 bytes")
 
 
 def test_reference_debug_shows_the_error(tmp_path):
@@ -244,3 +259,62 @@ def test_subprocess_predict_text_file_named_mp4(tmp_path, checkpoint):
     video.write_text("this is not a video\n")
     proc = _run("predict_video.py", str(checkpoint), str(video), "--out", str(tmp_path / "o"))
     _check_error(proc.returncode, proc.stderr, "clip.mp4")
+
+
+# ----------------------------------------------------------------------------------------------
+# the validation layer itself (facelayers.models.cli)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_types_and_run_main(capsys, tmp_path):
+    import argparse
+
+    from facelayers.models import cli
+
+    assert cli.positive_int("3") == 3 and cli.nonnegative_float("0") == 0.0 and cli.unit_float("1") == 1.0
+    for fn, bad in ((cli.positive_int, "0"), (cli.positive_int, "1.5"), (cli.nonnegative_int, "-1"),
+                    (cli.positive_float, "inf"), (cli.finite_float, "nan"), (cli.open_unit_float, "1"),
+                    (cli.unit_float, "0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected .*, got"):
+            fn(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="got the file"):
+        cli.output_folder(str(Path(__file__)))
+
+    def main(argv):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.jpg"))
+
+    assert cli.run_main(main, []) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'x.jpg'}: No such file or directory"
+    with pytest.raises(FileNotFoundError):
+        cli.run_main(main, ["--debug"])
+
+    def bug(argv):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    with pytest.raises(ZeroDivisionError):  # programming errors keep their traceback
+        cli.run_main(bug, [])
+
+
+def test_reference_accepts_an_existing_pretrained_file(tmp_path, monkeypatch):
+    """An existing weights file passes the argument checks (it is read by build_backbone later)."""
+    weights = tmp_path / "ViT-B-16.bin"
+    weights.write_bytes(b"x")
+    args = R.validate_args(R.build_parser().parse_args(["--backbone", "ViT-B-16", "--pretrained", str(weights),
+                                                        "--out", str(tmp_path / "r")]))
+    assert args.pretrained == str(weights) and args.frames == 16 and args.moe_blocks == "last:6"
+
+
+def test_reference_resume_with_other_options_is_refused(capsys, tmp_path):
+    """--resume continues the run in --out: other architecture options are an error, before building."""
+    from facelayers.io import save_optimizer
+
+    out = tmp_path / "run"
+    args = R.validate_args(R.build_parser().parse_args(["--quick", "--out", str(out)]))
+    cfg = R.model_config(args, ssm.ModelConfig().expressions, ssm.ModelConfig().aus)
+    cfg.clip_kwargs = ssm.TINY_CLIP
+    model = ssm.build_model(cfg)
+    ssm.save_model(model, str(out / "checkpoint"), name="last")
+    save_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), str(out / "checkpoint"), {"epoch": 0})
+    R.validate_args(R.build_parser().parse_args(["--quick", "--out", str(out), "--resume"]))  # same options: fine
+    rc = R.main(["--quick", "--out", str(out), "--resume", "--num-experts", "3"])
+    _check_error(rc, capsys.readouterr().err, "--resume", "num_experts")

@@ -198,3 +198,27 @@ def test_read_json_errors_name_the_file(tmp_path):
     p.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(CheckpointError, match="UTF-8"):
         read_json(p)
+
+
+def test_legacy_checkpoint_is_refused_then_upgraded(tmp_path):
+    """A checkpoint of the earlier format (no config copy in the metadata, an alias table in the
+    JSON) is refused with a pointer to upgrade_checkpoint, which converts it explicitly."""
+    torch.manual_seed(2)
+    model = ssm.build_model(_cfg(mode="ssm", num_frames=2)).eval()
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    aliases = {k: k.replace("text.expression_prompts.tower", "text.au_prompts.tower")
+               for k in sd if k.startswith("text.expression_prompts.tower")}
+    for k in aliases:
+        del sd[k]
+    save_file(sd, str(tmp_path / "best.safetensors"), metadata={"format": "pt", "facelayers": "ssm_reference"})
+    (tmp_path / "best.json").write_text(json.dumps({"config": model.cfg.to_json(), "aliases": aliases, "epoch": 2}))
+    with pytest.raises(CheckpointError, match="upgrade_checkpoint"):
+        ssm.load_model(str(tmp_path), "best")
+    out = ssm.upgrade_checkpoint(str(tmp_path), "best", out=str(tmp_path / "new"))
+    loaded = ssm.load_model(out, "best")
+    assert json.loads((tmp_path / "new" / "best.json").read_text())["epoch"] == 2
+    x = torch.randn(1, 2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, x)["au_logits"], model(x, x)["au_logits"], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="not a legacy"):
+        ssm.upgrade_checkpoint(out, "best")

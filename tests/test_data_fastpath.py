@@ -198,6 +198,113 @@ def test_tensor_frames_and_plain_callables(frames_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# direct JPEG decoding (PIL's decoder without Image.open): bit-exact, or PIL's own path
+
+
+def _jpeg_variants(root: Path) -> dict[str, tuple[Path, bool]]:
+    """name -> (file, decoded directly); the rest must fall back to ``Image.open``."""
+    arr = _face_like(37, 53, 30)
+    out = {}
+    for name, kw in {
+        "q90_420": {"quality": 90},
+        "q95_444": {"quality": 95, "subsampling": 0},
+        "progressive": {"quality": 85, "progressive": True},
+        "optimized": {"quality": 75, "optimize": True},
+        "restart_markers": {"quality": 90, "restart_marker_blocks": 2},
+        "exif_icc": {"quality": 90, "exif": b"Exif\x00\x00" + b"\x00" * 30, "icc_profile": b"\x00" * 600},
+    }.items():
+        path = root / f"{name}.jpg"
+        Image.fromarray(arr).save(path, "JPEG", **kw)
+        out[name] = (path, True)
+    out["grey"] = (_write(root / "v_grey.jpg", arr, mode="L"), False)
+    out["cmyk"] = (_write(root / "v_cmyk.jpg", arr, mode="CMYK"), False)
+    png_named_jpg = root / "png_content.jpg"
+    Image.fromarray(arr).save(png_named_jpg, "PNG")
+    out["png_named_jpg"] = (png_named_jpg, False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jpeg_variants(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
+    return _jpeg_variants(tmp_path_factory.mktemp("jpeg_variants"))
+
+
+@pytest.mark.parametrize("name", ["q90_420", "q95_444", "progressive", "optimized", "restart_markers", "exif_icc",
+                                  "grey", "cmyk", "png_named_jpg"])
+def test_direct_jpeg_decoding_is_bit_exact(jpeg_variants, name, monkeypatch):
+    path, direct = jpeg_variants[name]
+    ref = load_frame(path)
+    assert torch.equal(load_frame_uint8(path).float() / 255.0, ref)
+    if direct:  # decoded without Image.open: it must not be needed
+        import PIL.Image
+
+        def no_open(*args, **kwargs):
+            raise AssertionError("Image.open called for a frame the direct decoder handles")
+
+        monkeypatch.setattr(PIL.Image, "open", no_open)
+    clip = ClipCompose([]).apply_to_frames([path, path])
+    assert torch.equal(clip, torch.stack([ref, ref]))
+    out, _ = _fast(GEOMETRY["rrc_flip"](), [path], 3)
+    monkeypatch.undo()
+    ref_t, _ = _reference(GEOMETRY["rrc_flip"](), [path], 3)
+    torch.testing.assert_close(out, ref_t, atol=FAST_PATH_ATOL + 1e-6, rtol=0)
+
+
+def test_jpeg_frame_header_matches_pil(jpeg_variants):
+    from facelayers.data.transforms import _jpeg_frame_header
+
+    for name, (path, _) in jpeg_variants.items():
+        head = _jpeg_frame_header(path.read_bytes())
+        with Image.open(path) as im:
+            if im.format != "JPEG":
+                assert head is None, name
+            else:
+                assert head == (im.height, im.width, len(im.getbands())), name
+
+
+@given(data=st.binary(max_size=64), prefix=st.booleans())
+@settings(max_examples=60)
+def test_jpeg_frame_header_never_fails_on_garbage(data, prefix):
+    from facelayers.data.transforms import _jpeg_frame_header
+
+    head = _jpeg_frame_header((b"\xff\xd8\xff" if prefix else b"") + data)
+    assert head is None or (len(head) == 3 and all(isinstance(v, int) and v >= 0 for v in head))
+
+
+def test_broken_or_huge_jpeg_gets_pil_behaviour(jpeg_variants, tmp_path, monkeypatch):
+    path, _ = jpeg_variants["q90_420"]
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(OSError) as ref_err:
+        load_frame(cut)
+    with pytest.raises(OSError) as err:
+        ClipCompose([]).apply_to_frames([cut])
+    assert str(err.value) == str(ref_err.value)
+    # a frame over PIL's decompression-bomb limit is refused as Image.open refuses it
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 37 * 53 // 4)
+    with pytest.raises(PIL.Image.DecompressionBombError):
+        load_frame(path)
+    with pytest.raises(PIL.Image.DecompressionBombError):
+        ClipCompose([]).apply_to_frames([path])
+
+
+@pytest.mark.parametrize("name", ["rrc_flip", "resize_centercrop"])
+def test_long_clips_with_repeats_match_reference(frames_dir, name):
+    # more unique frames than one processing group, repeated and out of order
+    t = GEOMETRY[name]()
+    paths = [frames_dir / f"j{i}.jpg" for i in (2, 0, 1, 0, 2)] + [frames_dir / f"p{i}.png" for i in (0, 1, 2, 1)]
+    paths += [frames_dir / "grey.jpg", frames_dir / "j1.jpg"]
+    for seed in range(3):
+        ref, ref_state = _reference(t, paths, seed)
+        out, state = _fast(t, paths, seed)
+        assert torch.equal(state, ref_state)
+        torch.testing.assert_close(out, ref, atol=FAST_PATH_ATOL + 1e-6, rtol=0)
+        assert torch.equal(out[1], out[3]) and torch.equal(out[0], out[4]) and torch.equal(out[6], out[8])
+
+
+# ---------------------------------------------------------------------------------------------
 # reduced-scale JPEG decoding: same region, mean difference bounded
 
 

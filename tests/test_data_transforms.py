@@ -150,10 +150,10 @@ def test_reference_geometry_is_torchvision_on_the_drawn_params(seed, h, w):
     top, left, ch, cw = crop.get_params(h, w, _gen(seed))
     assert torch.equal(crop(clip, _gen(seed)), F.resized_crop(clip, top, left, ch, cw, [8, 8], antialias=True))
     for size in (7, (5, 11)):
-        steps = ClipResize(size).steps(h, w)
+        steps = ClipResize(size)._steps(h, w)
         out = ClipResize(size)(clip)
         assert torch.equal(out, F.resize(clip, [size] if isinstance(size, int) else list(size), antialias=True))
         assert steps[-1].out_size() == tuple(out.shape[-2:])
     cc = ClipCenterCrop((12, 30))
     assert torch.equal(cc(clip), F.center_crop(clip, [12, 30]))
-    assert cc.steps(h, w)[-1].out_size() == (12, 30)
+    assert cc._steps(h, w)[-1].out_size() == (12, 30)

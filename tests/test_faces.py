@@ -1,9 +1,10 @@
 """Face stage: alignment (Umeyama, template, warp), tracking, the pipeline on a synthetic video.
 
 The end-to-end tests synthesise a short video from matplotlib's sample photo ``grace_hopper.jpg``
-(shifted, scaled and rotated over 30 frames, with 5 noise frames in the middle) with Pillow's
-affine transform (independent of :func:`warp_faces`) and run the real MTCNN detector of the
-``faces`` extra on it, offline.
+(shifted, scaled and rotated over 30 frames, with 5 noise frames in the middle; the helper is in
+tests/_faces_video.py, shared with tests/test_predict_faces.py) with Pillow's affine transform
+(independent of :func:`warp_faces`) and run the real MTCNN detector of the ``faces`` extra on it,
+offline.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+from _faces_video import make_synthetic_video, pil_affine, similarity
 
 from facelayers.faces import (
     FACE_COLUMNS,
@@ -44,24 +47,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def similarity(scale: float, degrees: float, tx: float, ty: float, dtype=torch.float64) -> torch.Tensor:
-    th = math.radians(degrees)
-    c, s = scale * math.cos(th), scale * math.sin(th)
-    return torch.tensor([[c, -s, tx], [s, c, ty]], dtype=dtype)
-
-
-def pil_affine(image, matrix: torch.Tensor, size: tuple[int, int]):
-    """Warp a PIL image by a frame->output ``[2, 3]`` matrix (pixel centres at integers) with
-    Pillow's own affine transform (which maps output pixel centres ``x + 0.5`` to input coords)."""
-    from PIL import Image
-
-    inv = invert_affine(matrix.double())
-    a = inv[:, :2]
-    c = inv[:, 2] + 0.5 - a @ torch.full((2,), 0.5, dtype=torch.float64)
-    data = (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1])
-    return image.transform(size, Image.AFFINE, tuple(float(v) for v in data), resample=Image.BILINEAR)
 
 
 def complex_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -402,48 +387,12 @@ def test_missing_extra_says_how_to_install(monkeypatch):
 # ----------------------------------------------------------------------------------- end to end (MTCNN)
 
 SIZE = 112
-N_FACE, NOISE_AT, N_NOISE, FRAME = 30, 15, 5, 192
 
 
 @pytest.fixture(scope="module")
 def detector():
     pytest.importorskip("facenet_pytorch")
     return MTCNNDetector()
-
-
-def make_synthetic_video(detector) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """35 frames: Grace Hopper moving (shift, zoom 0.30 -> 0.38, rotation -6 -> +6 degrees), with
-    5 frames of noise at 15..19.
-
-    Returns:
-        uint8 frames ``[35, 192, 192, 3]``, the indices of the 30 face frames, and the true
-        landmark positions ``[30, 5, 2]`` in them (the detector's landmarks on the full-resolution
-        photo, moved by the known transforms).
-    """
-    from matplotlib import cbook
-    from PIL import Image
-
-    with cbook.get_sample_data("grace_hopper.jpg") as fh:
-        photo = Image.open(fh).convert("RGB")
-    photo_t = torch.from_numpy(np.asarray(photo).copy())
-    (ref,) = detector(photo_t[None])  # landmarks on the full-resolution photo
-    assert len(ref) == 1
-    mats, face_frames = [], []
-    for t in range(N_FACE):
-        a = t / (N_FACE - 1)
-        s, deg = 0.30 + 0.08 * a, -6.0 + 12.0 * a
-        m = similarity(s, deg, 0.0, 0.0)
-        centre = torch.tensor([256.0, 250.0], dtype=torch.float64)  # about the face centre in the photo
-        target = torch.tensor([(0.40 + 0.2 * a) * FRAME, (0.45 + 0.1 * a) * FRAME], dtype=torch.float64)
-        m[:, 2] = target - m[:, :2] @ centre
-        mats.append(m)
-        face_frames.append(torch.from_numpy(np.asarray(pil_affine(photo, m, (FRAME, FRAME))).copy()))
-    g = torch.Generator().manual_seed(0)
-    noise = [(torch.rand(FRAME, FRAME, 3, generator=g) * 255).to(torch.uint8) for _ in range(N_NOISE)]
-    frames = torch.stack(face_frames[:NOISE_AT] + noise + face_frames[NOISE_AT:])
-    face_idx = list(range(NOISE_AT)) + list(range(NOISE_AT + N_NOISE, N_FACE + N_NOISE))
-    truth = apply_affine(torch.stack(mats), ref.landmarks[0].double())  # [30, 5, 2] frame pixels
-    return frames, face_idx, truth
 
 
 @pytest.fixture(scope="module")

@@ -200,3 +200,16 @@ def test_config_validation_names_the_field():
         ssm.tiny_clip_kwargs(32, 5, 64, 2)
     assert ssm.ModelConfig.from_json(_cfg().to_json()) == _cfg()
     assert facs.EXPRESSIONS_7 == _cfg().expressions
+
+
+def test_missing_media_named_before_training(tmp_path):
+    from facelayers.data import read_manifest
+
+    (tmp_path / "root" / "00001").mkdir(parents=True)
+    path = tmp_path / "m.txt"
+    path.write_text("00001 16 0\n00002 16 1\n")
+    recs = read_manifest(path, "dfew")
+    with pytest.raises(ssm_data.DataUnavailableError, match=r"1 of 2 folders missing .*got none for \['00002'\]"):
+        ssm_data.check_media_present(recs, tmp_path / "root", path)
+    (tmp_path / "root" / "00002").mkdir()
+    ssm_data.check_media_present(recs, tmp_path / "root", path)

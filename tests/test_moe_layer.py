@@ -502,3 +502,95 @@ def test_inject_rejects_bad_blocks(blocks, pattern):
 
     with pytest.raises(TypeError, match=pattern):
         inject_moe_(open_clip.CLIP(**tiny_clip_kwargs()), blocks=blocks, hidden_dim=4)
+
+
+def _expected_private_draws(seed: int, d: int, h: int, e: int, t: int) -> tuple[torch.Tensor, ...]:
+    """The layer's documented draw order, computed independently: w1, w2 (Xavier bound sqrt(6/(D+H))),
+    then the router weight (gain 0.1, bound 0.1*sqrt(6/(D+E))), all from the global generator."""
+    torch.manual_seed(seed)
+    bound, rbound = (6.0 / (d + h)) ** 0.5, 0.1 * (6.0 / (d + e)) ** 0.5
+    w1 = torch.empty(t, e, d, h).uniform_(-bound, bound)
+    w2 = torch.empty(t, e, h, d).uniform_(-bound, bound)
+    rw = torch.empty(t, e, d).uniform_(-rbound, rbound)
+    return w1, w2, rw, torch.rand(3)  # the next draws after construction
+
+
+def test_construction_draws_the_documented_sequence_at_a_seed():
+    d, h, e, t = 6, 5, 4, 2
+    w1, w2, rw, after = _expected_private_draws(7, d, h, e, t)
+    shared = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+    torch.manual_seed(7)
+    layer = MoEFFN(shared, d, num_experts=e, hidden_dim=h, top_k=2, num_tasks=t)
+    assert torch.equal(layer.experts.w1, w1) and torch.equal(layer.experts.w2, w2)
+    assert torch.equal(layer.router.weight, rw)
+    assert torch.equal(torch.rand(3), after)  # construction consumed exactly those three draws
+    assert not layer.router.bias.any() and not layer.experts.b1.any() and not layer.experts.b2.any()
+    # reset_parameters() redraws the same sequence
+    torch.manual_seed(7)
+    layer.reset_parameters()
+    assert torch.equal(layer.experts.w1, w1) and torch.equal(layer.router.weight, rw)
+    assert torch.equal(torch.rand(3), after)
+
+
+def test_injected_built_parts_keep_their_weights_and_draw_nothing():
+    d, h, e, t = 6, 5, 4, 2
+    from facelayers.moe import GroupedExperts, TaskTopKRouter
+
+    shared = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+    router = TaskTopKRouter(d, e, top_k=2, num_tasks=t)
+    bank = GroupedExperts(d, h, e, num_tasks=t)
+    r_w, b_w1 = router.weight.detach().clone(), bank.w1.detach().clone()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    layer = MoEFFN(shared, d, num_experts=e, hidden_dim=h, num_tasks=t, router_layer=router, experts_layer=bank)
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+    assert torch.equal(layer.router.weight, r_w) and torch.equal(layer.experts.w1, b_w1)
+    # a built router with a default bank: only the bank draws (w1, w2), the router keeps its weight
+    w1, w2, _, _ = _expected_private_draws(11, d, h, e, t)
+    torch.manual_seed(11)
+    layer = MoEFFN(shared, d, num_experts=e, hidden_dim=h, num_tasks=t, router_layer=router)
+    assert torch.equal(layer.experts.w1, w1) and torch.equal(layer.experts.w2, w2)
+    assert torch.equal(layer.router.weight, r_w)
+
+
+def test_parameter_order_is_the_pre_composition_layers():
+    """parameters() lists router, experts, gamma, then the shared FFN (positional optimizer state and
+    order-dependent reductions such as clip_grad_norm_'s total norm stay as before the composition)."""
+    shared = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+    model = nn.Sequential(nn.Linear(6, 6), MoEFFN(shared, 6, num_experts=3, hidden_dim=4, num_tasks=2), nn.LayerNorm(6))
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["0.weight", "0.bias", "1.router.weight", "1.router.bias", "1.experts.w1", "1.experts.b1",
+                     "1.experts.w2", "1.experts.b2", "1.gamma", "1.shared.0.weight", "1.shared.0.bias",
+                     "1.shared.2.weight", "1.shared.2.bias", "2.weight", "2.bias"]
+    assert [p for p in model.parameters()] == [p for _, p in model.named_parameters()]
+    # the same modules and names as nn.Module's pre-order, each once
+    mods = [n for n, _ in model.named_modules()]
+    assert sorted(mods) == sorted(["", "0", "1", "1.shared", "1.shared.0", "1.shared.1", "1.shared.2", "1.router",
+                                   "1.experts", "2"]) and len(set(mods)) == len(mods)
+    assert model.get_submodule("1.router") is model[1].router
+    # a shared (tied) layer appears once; remove_duplicate=False lists it again
+    layer = model[1]
+    tied = nn.Sequential(layer, layer)
+    assert len([m for m in tied.modules() if m is layer]) == 1
+    assert len([m for _, m in tied.named_modules(remove_duplicate=False) if m is layer]) == 2
+
+
+@pytest.mark.requires_cuda
+def test_construction_on_cuda_draws_the_documented_sequence():
+    """On a CUDA device the draws come from that device's generator; the CPU generator is untouched."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    d, h, e, t = 6, 5, 4, 2
+    bound, rbound = (6.0 / (d + h)) ** 0.5, 0.1 * (6.0 / (d + e)) ** 0.5
+    torch.manual_seed(5)  # seeds the CPU and every CUDA generator
+    w1 = torch.empty(t, e, d, h, device="cuda").uniform_(-bound, bound)
+    w2 = torch.empty(t, e, h, d, device="cuda").uniform_(-bound, bound)
+    rw = torch.empty(t, e, d, device="cuda").uniform_(-rbound, rbound)
+    after = torch.rand(3, device="cuda")
+    shared = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)).cuda()
+    torch.manual_seed(5)
+    cpu_state = torch.get_rng_state()
+    layer = MoEFFN(shared, d, num_experts=e, hidden_dim=h, num_tasks=t, device="cuda")
+    assert torch.equal(layer.experts.w1, w1) and torch.equal(layer.experts.w2, w2)
+    assert torch.equal(layer.router.weight, rw) and torch.equal(torch.rand(3, device="cuda"), after)
+    assert torch.equal(torch.get_rng_state(), cpu_state)

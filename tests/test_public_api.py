@@ -39,6 +39,9 @@ EXPECTED = {
     "eval_transform", "get_split", "list_splits", "read_manifest", "segment_indices",
     "train_transform", "validate_manifest", "write_manifest", "SyntheticAUDataset",
     "SyntheticExpressionDataset", "parse_subject", "group_by_subject", "subject_split",
+    # checkpoints and parameter groups
+    "CheckpointError", "inspect_safetensors", "save_module", "load_module", "pretrained_and_new",
+    "optimizer_param_groups",
     # training utilities
     "ParameterEMA", "ClipMixup", "MovingMeanLossBalance", "mix_clips", "mixup_loss", "sigmoid_ramp",
 }

@@ -615,3 +615,83 @@ def test_release_model_from_clip_copies_the_towers_and_embeds_the_prompts(quick_
         release_model_from_clip(clip, "bp4d", "dfew", num_frames=4, exp_layers=2)
     with pytest.raises(ValueError, match="needs an open_clip CLIP"):
         release_model_from_clip(nn.Linear(2, 2), "bp4d", "dfew")
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference script's --recipe ssm_release and the pieces on their own
+# ------------------------------------------------------------------------------------------------
+def _script():
+    from _testutils import load_example
+
+    return load_example("ssm_reference")
+
+
+def test_script_recipe_ssm_release_quick_records_every_option(tmp_path):
+    import time
+
+    R = _script()
+    out = tmp_path / "rel"
+    t0 = time.time()
+    assert R.main(["--recipe", "ssm_release", "--quick", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    assert time.time() - t0 < 60, "--recipe ssm_release --quick must run in under a minute on CPU"
+    rec = json.loads((out / "recipe.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["recipe"] == rec and rec["recipe"] == "ssm_release"
+    assert (rec["ema_decay"], rec["mixup_alpha"], rec["loss_balance"], rec["router_noise"], rec["au_select"]) == \
+        (0.99, 0.4, "moving_mean", 0.01, "all")
+    cfg = rec["release_recipe"]["config"]
+    assert ReleaseRecipeConfig.from_json(cfg).ema_decay == 0.99 and cfg["mixup_alpha"] == 0.4
+    assert [g["name"] for g in rec["release_recipe"]["param_groups"]] == ["vision", "delta_au2exp", "delta_exp2au", "other"]
+    assert rec["release_architecture"]["au_dataset"] == "bp4d" and rec["release_architecture"]["num_frames"] == 4
+    assert m["selection"] == {"split": "val", "optimistic": False}
+    assert {"loss_exp_text", "loss_au_text"} <= set(m["history"][0])
+    assert "recipe=ssm_release" in (out / "summary.txt").read_text()
+    # the selected checkpoint is the release preset in its own format
+    from facelayers.models.ssm.release import is_release_checkpoint, load_release_model
+
+    assert is_release_checkpoint(out / "checkpoint", "best")
+    assert load_release_model(out / "checkpoint", "best").release.num_frames == 4
+
+
+def test_script_pieces_alone_and_select_on_test_marked_optimistic(tmp_path):
+    R = _script()
+    out = tmp_path / "pieces"
+    assert R.main(["--quick", "--out", str(out), "--no-progress", "--no-plots", "--ema-decay", "0.9",
+                   "--mixup-alpha", "0.4", "--loss-balance", "moving_mean", "--router-noise", "0.01",
+                   "--select-on", "test"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["recipe"]["recipe"] == "paper" and m["recipe"]["ema_decay"] == 0.9 and m["recipe"]["mixup_alpha"] == 0.4
+    assert m["selection"] == {"split": "test", "optimistic": True}
+    assert all(part["optimistic"] is True for part in m["test"].values())
+    assert "test/score" in m["history"][0] and "val/score" not in m["history"][0]
+    table = (out / "summary.txt").read_text()
+    assert "test*" in table and "OPTIMISTIC" in table
+    assert (out / "checkpoint" / "ema.safetensors").is_file()
+
+
+def test_script_recipe_bad_combinations_are_usage_errors(tmp_path, capsys):
+    R = _script()
+    base = ["--quick", "--no-progress", "--no-plots", "--out", str(tmp_path / "x")]
+    cases = [(["--recipe", "ssm_release", "--au-select", "center"], "--au-select"),
+             (["--recipe", "ssm_release", "--frames", "5"], "--frames"),
+             (["--recipe", "ssm_release", "--mode", "baseline"], "--recipe ssm_release"),
+             (["--recipe", "ssm_release", "--resume"], "--resume"),
+             (["--lr-delta", "0.1"], "--lr-delta"),
+             (["--ema-decay", "1.5"], "--ema-decay"),
+             (["--select-on", "train"], "--select-on")]
+    for extra, needle in cases:
+        assert R.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "expected" in err, (extra, err)
+
+
+def test_script_pieces_resume_with_ema_and_mixup_state(tmp_path):
+    R = _script()
+    out = tmp_path / "resume"
+    flags = ["--quick", "--out", str(out), "--no-progress", "--no-plots", "--ema-decay", "0.9", "--mixup-alpha", "0.4"]
+    assert R.main(flags) == 0
+    ema_1 = (out / "checkpoint" / "ema.safetensors").read_bytes()
+    assert R.main(flags + ["--resume", "--epochs", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert (out / "checkpoint" / "ema.safetensors").read_bytes() != ema_1, "the EMA kept training after the resume"

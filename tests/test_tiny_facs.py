@@ -92,6 +92,9 @@ def test_compact_round_trip_is_exact(tmp_path, tiny_trained):
         assert torch.equal(sd[k], sd2[k]), k
     full = 4 * sum(p.numel() for p in model.parameters())
     assert path.stat().st_size < 0.12 * full  # the embedding (over 88 % of the parameters) is not stored
+    again = tmp_path / "again.safetensors"
+    save_compact_clip(loaded, again, clip_kwargs=recipe.resolved_clip_kwargs(), token_seed=recipe.seed)
+    assert again.read_bytes() == path.read_bytes()  # same weights, same bytes
 
 
 def test_compact_checkpoint_errors(tmp_path, tiny_trained):
@@ -108,7 +111,7 @@ def test_compact_checkpoint_errors(tmp_path, tiny_trained):
 
     tensors = load_file(str(path))
     meta["token_seed"] = 98
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    save_file(tensors, str(path), metadata={"facelayers.compact_clip": json.dumps(meta)})
     with pytest.raises(CompactCheckpointError, match="does not match the recorded one"):
         load_compact_clip(path)
     with pytest.raises(CompactCheckpointError, match="not found"):
@@ -116,3 +119,35 @@ def test_compact_checkpoint_errors(tmp_path, tiny_trained):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CompactCheckpointError, match="not a compact CLIP checkpoint"):
         load_compact_clip(tmp_path / "other.safetensors")
+
+
+def test_pretrain_cli_writes_a_loadable_compact_file(tmp_path, capsys):
+    from facelayers.data.synthetic.__main__ import main
+
+    out = tmp_path / "m.safetensors"
+    main(["pretrain-clip", "--out", str(out), "--steps", "1", "--batch", "4", "--subjects", "1", "--no-eval",
+          "--no-progress"])
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["sha256"] == file_sha256(out) and rec["recipe"]["steps"] == 1 and rec["frames"] == 128
+    model = load_compact_clip(out)
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(SystemExit):
+        main(["pretrain-clip", "--out", str(out), "--steps", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_named_backbone_tiny_facs_builds_the_reference_model_on_the_shipped_weights():
+    from facelayers.models.ssm import BackboneUnavailableError, ModelConfig, build_backbone, build_model
+
+    clip = build_backbone("tiny-facs")
+    ref = load_tiny_facs_clip()
+    assert clip.training, "a backbone for training comes back in train mode"
+    for (name, p), (_, q) in zip(clip.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p, q), name
+    model = build_model(ModelConfig(backbone="tiny-facs"))
+    assert torch.equal(model.visual.conv1.weight, ref.visual.conv1.weight)
+    assert model.cfg.clip_kwargs is not None, "the config records the architecture it was built with"
+    with pytest.raises(BackboneUnavailableError, match="expected no --pretrained"):
+        build_backbone("tiny-facs", "weights.bin")
+    with pytest.raises(BackboneUnavailableError, match="default tiny shape"):
+        build_backbone("tiny-facs", clip_kwargs={"embed_dim": 8})

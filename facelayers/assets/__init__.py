@@ -43,6 +43,7 @@ TINY_FACS_RECIPE: Path = _HERE / "tiny_facs_clip.json"
 #: ``format`` tag in the metadata of a compact CLIP checkpoint.
 COMPACT_FORMAT = "facelayers.compact_clip.v1"
 _ROWS, _VALUES = "token_embedding.rows", "token_embedding.values"
+_META_KEY = "facelayers.compact_clip"
 _TOKEN_SEED_BASE = 7_700_000  # base-draw seed = this + recipe seed (its own stream, not torch's global RNG)
 
 
@@ -75,7 +76,8 @@ def save_compact_clip(model: nn.Module, path: str | os.PathLike[str], *, clip_kw
     """Write an ``open_clip.CLIP`` as a compact safetensors file.
 
     Every parameter is stored in float32 except ``token_embedding.weight``, stored as the indices
-    and values of the rows that differ from :func:`base_token_embedding` ``(token_seed)``.
+    and values of the rows that differ from :func:`base_token_embedding` ``(token_seed)``. The
+    metadata is one JSON entry with sorted keys, so the same weights always give the same bytes.
 
     Args:
         model: the CLIP (its token embedding must have started from the base draw).
@@ -108,7 +110,9 @@ def save_compact_clip(model: nn.Module, path: str | os.PathLike[str], *, clip_kw
     meta["open_clip_version"] = open_clip.__version__
     meta["torch_version"] = torch.__version__.split("+")[0]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    # one metadata entry with sorted keys: safetensors writes several entries in hash order, and
+    # the same weights must give the same bytes (and SHA-256) on every run
+    save_file(sd, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
     return meta
 
 
@@ -124,11 +128,15 @@ def read_compact_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CompactCheckpointError(f"compact CLIP checkpoint not found (expected a file, got {str(path)!r})")
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
+    if _META_KEY not in raw:
+        raise CompactCheckpointError(f"{path}: not a compact CLIP checkpoint (expected metadata entry {_META_KEY!r}, "
+                                     f"got entries {sorted(raw)})")
     try:
-        meta = {k: json.loads(v) for k, v in raw.items()}
+        meta = json.loads(raw[_META_KEY])
     except json.JSONDecodeError as err:
         raise CompactCheckpointError(f"{path}: metadata is not JSON ({err})") from None
-    if meta.get("format") != COMPACT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != COMPACT_FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise CompactCheckpointError(f"{path}: not a compact CLIP checkpoint (expected format {COMPACT_FORMAT!r}, "
                                      f"got {meta.get('format')!r})")
     return meta

@@ -13,12 +13,14 @@ from .datasets import (
     ExpressionClipDataset,
     FrameCountMismatchError,
     au_windows,
+    decode_video_frames,
     list_frame_files,
     load_frame,
     natural_sort_key,
     read_video_frames,
     segment_indices,
     split_runs,
+    video_frame_count,
 )
 from .loader import HeterogeneousLoader, fraction_indices, fraction_subset, subject_split
 from .manifests import (
@@ -43,6 +45,9 @@ from .manifests import (
 from .transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    DRAFT_MEAN_ATOL,
+    FAST_PATH_ATOL,
+    JPEG_DRAFT_MARGIN,
     ClipCenterCrop,
     ClipColorJitter,
     ClipCompose,
@@ -52,12 +57,23 @@ from .transforms import (
     ClipRandomResizedCrop,
     ClipResize,
     ClipTransform,
+    FrameSizeMismatchError,
+    FrameSource,
     eval_transform,
+    load_frame_uint8,
     train_transform,
 )
 from .validate import ISSUE_KINDS, ManifestValidationError, ValidationIssue, ValidationReport, validate_manifest
 
 __all__ = [
+    "decode_video_frames",
+    "video_frame_count",
+    "load_frame_uint8",
+    "FrameSizeMismatchError",
+    "FrameSource",
+    "FAST_PATH_ATOL",
+    "DRAFT_MEAN_ATOL",
+    "JPEG_DRAFT_MARGIN",
     "AURecord",
     "AUClipDataset",
     "AUWindow",

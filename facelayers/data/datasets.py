@@ -47,6 +47,7 @@ __all__ = [
     "load_frame",
     "natural_sort_key",
     "read_video_frames",
+    "release_segment_indices",
     "segment_indices",
     "split_runs",
     "video_frame_count",
@@ -336,6 +337,11 @@ def _check_num_frames(num_frames: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # segment sampling
 
+#: ``sampler(num_frames_in_clip, num_segments, train, generator) -> list[int]``: how an
+#: :class:`ExpressionClipDataset` picks its ``T`` frames (:func:`segment_indices`,
+#: :func:`release_segment_indices`).
+FrameSampler = Callable[[int, int, bool, "torch.Generator | None"], "list[int]"]
+
 
 def segment_indices(
     num_frames_in_clip: int, num_segments: int, train: bool, generator: torch.Generator | None = None
@@ -380,6 +386,58 @@ def segment_indices(
     return [bounds[k] + min(int(offsets[k]), lengths[k] - 1) for k in range(t)]
 
 
+def release_segment_indices(
+    num_frames_in_clip: int, num_segments: int, train: bool, generator: torch.Generator | None = None
+) -> list[int]:
+    """Frame indices of ``T = num_segments`` samples over ``n`` frames, as the released SSM code picks them.
+
+    The expression sampler of the released code (``ssm/data/emotion.py``, ``_get_train_indices`` /
+    ``_get_test_indices`` with ``duration=1``; the TSN-style sampler SSM inherits from DFER-CLIP).
+    A drop-in alternative to :func:`segment_indices` (same signature; pass it as
+    ``ExpressionClipDataset(sampler=...)``). Specification (``n = num_frames_in_clip``,
+    ``T = num_segments``, ``k = 0 .. T-1``):
+
+    * training, ``n >= T``: ``a = n // T``; index ``k * a + randint(0, a - 1)`` (independent draws
+      from ``generator``). Segments have the equal length ``a``, so the last ``n - T * a`` frames are
+      never sampled (unlike :func:`segment_indices`, whose segments cover every frame).
+    * evaluation, ``n > T``: ``tick = n / T``; index ``int(tick / 2 + tick * k)`` (Python floats, as
+      the release computes it).
+    * otherwise (``n < T`` in training, ``n <= T`` in evaluation; no randomness):
+      ``[0, 1, ..., n-1]`` then the last frame repeated (edge padding), i.e. ``min(k, n - 1)``.
+
+    The release draws with NumPy's global RNG; here the draws come from ``generator`` (the same
+    distribution, not the same numbers).
+
+    Args:
+        num_frames_in_clip: ``n >= 1``.
+        num_segments: ``T >= 1``.
+        train: Random offsets (True) or the deterministic ticks (False).
+        generator: RNG for the training draws (``None``: torch's global RNG).
+
+    Returns:
+        ``T`` non-decreasing indices in ``[0, n-1]``.
+
+    Examples::
+
+        >>> release_segment_indices(70, 16, train=False)[:4]
+        [2, 6, 10, 15]
+        >>> release_segment_indices(40, 16, train=False)[:4]
+        [1, 3, 6, 8]
+    """
+    n, t = num_frames_in_clip, num_segments
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_frames_in_clip must be a positive int, got {n!r}")
+    _check_num_frames(t)
+    if train and n >= t:
+        a = n // t
+        offsets = torch.randint(0, a, (t,), generator=generator).tolist()
+        return [k * a + int(offsets[k]) for k in range(t)]
+    if not train and n > t:
+        tick = n / float(t)
+        return [int(tick / 2.0 + tick * k) for k in range(t)]
+    return [min(k, n - 1) for k in range(t)]
+
+
 # ----------------------------------------------------------------------------------------------
 # expression clips
 
@@ -410,6 +468,10 @@ class ExpressionClipDataset(Dataset):
             size, sampled video frames only); ``False`` runs the float reference path. Same random
             draws; see the module docstring for the tolerances.
         draft: With ``fast_decode``, allow reduced-scale decoding of JPEGs much larger than the crop.
+        sampler: Picks the ``T`` frame indices of a clip of ``n`` frames, called as
+            ``sampler(n, T, train, generator)`` (:data:`FrameSampler`): :func:`segment_indices`
+            (default) or :func:`release_segment_indices` (the released SSM code's sampler). It
+            must return ``T`` ints in ``[0, n-1]`` (checked on every item).
     """
 
     def __init__(
@@ -425,8 +487,11 @@ class ExpressionClipDataset(Dataset):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         fast_decode: bool = True,
         draft: bool = True,
+        sampler: FrameSampler = segment_indices,
     ) -> None:
         _check_num_frames(num_frames)
+        if not callable(sampler):
+            raise TypeError(f"sampler must be callable as sampler(n, T, train, generator), got {type(sampler).__name__}")
         if frame_count not in ("disk", "manifest", "error"):
             raise ValueError(f"frame_count must be 'disk', 'manifest' or 'error', got {frame_count!r}")
         records = list(records)
@@ -445,6 +510,7 @@ class ExpressionClipDataset(Dataset):
         self.extensions = tuple(extensions)
         self.fast_decode = bool(fast_decode)
         self.draft = bool(draft)
+        self.sampler = sampler
         self.epoch = 0
         self._files: dict[int, list[str]] = {}
         self._video_counts: dict[int, int] = {}
@@ -489,8 +555,19 @@ class ExpressionClipDataset(Dataset):
         """Frame indices (into the sorted frame list) that item ``index`` reads."""
         rec = self.records[index]
         src = self.root / rec.path
-        n = self._video_count(index, src) if self._is_video(src) else self._resolve_count(rec, len(self.frame_files(index)), src)
-        return segment_indices(n, self.num_frames, self.train, generator)
+        if self._is_video(src):
+            n = self._video_count(index, src)
+        else:
+            n = self._resolve_count(rec, len(self.frame_files(index)), src)
+        return self._indices(n, generator)
+
+    def _indices(self, n: int, generator: torch.Generator | None) -> list[int]:
+        """The sampler's ``T`` indices over ``n`` frames, checked."""
+        idx = self.sampler(n, self.num_frames, self.train, generator)
+        if len(idx) != self.num_frames or not all(isinstance(i, int) and 0 <= i < n for i in idx):
+            raise ValueError(f"sampler {getattr(self.sampler, '__name__', self.sampler)!r} returned {list(idx)!r} "
+                             f"(expected {self.num_frames} ints in [0, {n - 1}])")
+        return list(idx)
 
     def _video_count(self, index: int, src: Path) -> int:
         if not self.fast_decode:
@@ -514,22 +591,22 @@ class ExpressionClipDataset(Dataset):
         src = self.root / rec.path
         if self.fast_decode:
             if self._is_video(src):
-                idx = segment_indices(self._video_count(index, src), self.num_frames, self.train, g)
+                idx = self._indices(self._video_count(index, src), g)
                 frames: list[Any] = decode_video_frames(src, idx)
             else:
                 files = self.frame_files(index)
                 n = self._resolve_count(rec, len(files), src)
-                idx = segment_indices(n, self.num_frames, self.train, g)
+                idx = self._indices(n, g)
                 frames = [src / files[min(i, len(files) - 1)] for i in idx]
             clip = _fast_clip(self.transform, frames, g, f"frames of {src}", self.draft)
         elif self._is_video(src):
             video = self._video(src)
-            idx = segment_indices(len(video), self.num_frames, self.train, g)
+            idx = self._indices(len(video), g)
             clip = _apply_transform(self.transform, _stack([video[i] for i in idx], str(src)), g)
         else:
             files = self.frame_files(index)
             n = self._resolve_count(rec, len(files), src)
-            idx = segment_indices(n, self.num_frames, self.train, g)
+            idx = self._indices(n, g)
             cache: dict[int, Tensor] = {}
             chosen = []
             for i in idx:
@@ -543,7 +620,8 @@ class ExpressionClipDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ExpressionClipDataset(clips={len(self)}, root={str(self.root)!r}, num_frames={self.num_frames}, "
-            f"train={self.train}, frame_count={self.frame_count!r}, fast_decode={self.fast_decode})"
+            f"train={self.train}, frame_count={self.frame_count!r}, fast_decode={self.fast_decode}, "
+            f"sampler={getattr(self.sampler, '__name__', type(self.sampler).__name__)})"
         )
 
 

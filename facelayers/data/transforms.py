@@ -32,13 +32,15 @@ Two ways to run a transform (same random draws, same generator consumption):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
+import torch.nn.functional as Fnn
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
@@ -143,7 +145,8 @@ class _ResizedCrop:
     def apply(self, clip: Tensor) -> Tensor:
         if self.size is None:
             return F.crop(clip, self.top, self.left, self.height, self.width)
-        return F.resized_crop(clip, self.top, self.left, self.height, self.width, list(self.size), antialias=self.antialias)
+        box = (self.top, self.left, self.height, self.width)
+        return F.resized_crop(clip, *box, list(self.size), antialias=self.antialias)
 
     def out_size(self) -> tuple[int, int]:
         return self.size if self.size is not None else (self.height, self.width)
@@ -274,13 +277,13 @@ class ClipTransform:
 class _GeometricTransform(ClipTransform):
     """A transform made of :data:`_Step` s (crop / resize / flip): the fast path runs it in uint8."""
 
-    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+    def _steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
         """Make this call's random draw for a ``height x width`` frame and return the steps."""
         raise NotImplementedError
 
     def __call__(self, clip: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_clip(clip, type(self).__name__)
-        for st in self.steps(clip.shape[-2], clip.shape[-1], generator):
+        for st in self._steps(clip.shape[-2], clip.shape[-1], generator):
             clip = st.apply(clip)
         return clip
 
@@ -354,7 +357,7 @@ class ClipResize(_GeometricTransform):
             self.size = _size2(size)
         self.antialias = antialias
 
-    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+    def _steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
         spec = (self.size,) if isinstance(self.size, int) else tuple(self.size)
         h, w = _resized_size(height, width, self.size)
         return [_Resize(spec, h, w, self.antialias)]
@@ -369,7 +372,7 @@ class ClipCenterCrop(_GeometricTransform):
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = _size2(size)
 
-    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+    def _steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
         ch, cw = self.size
         if ch > height or cw > width:  # torchvision pads, then crops: keep its exact call
             return [_CenterCropPad(self.size, (height, width))]
@@ -438,7 +441,7 @@ class ClipRandomResizedCrop(_GeometricTransform):
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+    def _steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
         top, left, h, w = self.get_params(height, width, generator)
         return [_ResizedCrop(top, left, h, w, self.size, self.antialias)]
 
@@ -454,7 +457,7 @@ class ClipRandomHorizontalFlip(_GeometricTransform):
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.p = p
 
-    def steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
+    def _steps(self, height: int, width: int, generator: torch.Generator | None = None) -> list[_Step]:
         return [_Flip((height, width))] if float(torch.rand((), generator=generator)) < self.p else []
 
     def extra_repr(self) -> str:
@@ -602,13 +605,55 @@ class ClipNormalize(ClipTransform):
 # fast path: encoded frames -> uint8 geometry -> one float conversion -> the rest
 
 
+def _jpeg_frame_header(data: bytes) -> tuple[int, int, int] | None:
+    """``(height, width, components)`` from the start-of-frame segment of an 8-bit JPEG, or ``None``
+    (not a JPEG, another precision, or a marker sequence this short reader does not follow)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if m in (0xD8, 0xD9, 0xDA):  # a second SOI, EOI or scan data before the frame header
+            return None
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            if i + 10 > n or data[i + 4] != 8:
+                return None
+            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], data[i + 9]
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _lean_jpeg_available() -> bool:
+    from PIL import Image
+
+    return all(hasattr(Image.core, name) for name in ("map_buffer", "jpeg_decoder")) and hasattr(Image, "_getdecoder")
+
+
 class _Source:
-    """One unique frame source: header read on construction, decoded by ``hwc()`` or ``draft_hwc()``."""
+    """One unique frame source: size read on construction, decoded by ``rgbx_into`` / ``hwc`` / ``draft_hwc``.
+
+    A plain 8-bit three-component JPEG file is decoded by PIL's own JPEG decoder, called directly
+    with the arguments ``Image.open(...).load()`` would give it, straight into the caller's buffer
+    (no header parsing by ``Image.open``, no copy out of PIL): the same pixels as :func:`load_frame`,
+    bit for bit. Anything else (other formats and modes, a decoder error, a truncated file, a
+    frame over ``Image.MAX_IMAGE_PIXELS``) goes through ``Image.open`` as in :func:`load_frame`.
+    """
+
+    _lean: bool | None = None  # PIL internals for the direct JPEG decode are present (checked once)
 
     def __init__(self, frame: FrameSource) -> None:
         self.tensor: Tensor | None = None
         self.image = None
         self.path: str | None = None
+        self.data: bytes | None = None  # file bytes, kept for a direct JPEG decode
         self.jpeg = False
         if isinstance(frame, Tensor):
             if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[0] != 3:
@@ -619,13 +664,39 @@ class _Source:
             self.tensor = frame
             self.size = (int(frame.shape[1]), int(frame.shape[2]))
             return
+        self.path = os.fspath(frame)
+        if _Source._lean is None:
+            _Source._lean = _lean_jpeg_available()
+        if _Source._lean:
+            try:
+                with open(self.path, "rb", buffering=0) as f:
+                    data = f.readall()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"frame image not found: {self.path}") from None
+            head = _jpeg_frame_header(data)
+            if head is not None and head[2] == 3 and head[0] > 0 and head[1] > 0 and self._pixels_ok(head):
+                self.data, self.size, self.jpeg = data, (head[0], head[1]), True
+                return
+        self._open()
+
+    @staticmethod
+    def _pixels_ok(head: tuple[int, int, int]) -> bool:
         from PIL import Image
 
-        self.path = os.fspath(frame)
+        limit = Image.MAX_IMAGE_PIXELS
+        return limit is None or head[0] * head[1] <= limit  # larger: Image.open warns / raises
+
+    def _open(self, from_data: bool = False) -> None:
+        import io
+
+        from PIL import Image
+
+        assert self.path is not None
         try:
-            self.image = Image.open(self.path)
+            self.image = Image.open(io.BytesIO(self.data) if from_data and self.data is not None else self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"frame image not found: {self.path}") from None
+        self.data = None
         self.size = (self.image.height, self.image.width)
         self.jpeg = self.image.format == "JPEG" and self.image.mode in ("RGB", "L")
 
@@ -634,26 +705,66 @@ class _Source:
             self.image.close()
             self.image = None
 
-    def hwc(self, rgbx: bool = False) -> Any:
+    def _decode_into(self, out: Any) -> bool:
+        """Direct JPEG decode into ``out`` (C-contiguous uint8 ``[H, W, 4]``, RGBX); False if not done."""
+        from PIL import Image
+
+        H, W = self.size
+        try:
+            target = Image.core.map_buffer(out, (W, H), "raw", 0, ("RGBX", 0, 1))
+            decoder = Image._getdecoder("RGBX", "jpeg", ("RGB", ""))
+        except Exception:  # PIL internals changed: use Image.open
+            _Source._lean = False
+            return False
+        try:
+            decoder.setimage(target, (0, 0, W, H))
+            consumed, err = decoder.decode(self.data)
+        finally:
+            decoder.cleanup()
+        return consumed < 0 and err == 0  # the whole image decoded without an error
+
+    def rgbx(self, buffer: Any) -> Any:
+        """The full-size frame as uint8 ``[H, W, 4]`` (RGB + a padding channel), decoded by PIL as
+        :func:`load_frame` does; ``buffer`` (C-contiguous uint8 ``[H, W, 4]``) may receive it."""
+        import numpy as np
+
+        if self.tensor is not None:
+            buffer[..., :3] = self.tensor.permute(1, 2, 0).numpy()
+            buffer[..., 3] = 0
+            return buffer
+        if self.data is not None:
+            if self._decode_into(buffer):
+                return buffer
+            self._open()  # not decoded directly: PIL's own path (and its errors)
+        rgb = self._rgb()
+        return np.frombuffer(rgb.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(rgb.height, rgb.width, 4)
+
+    def _rgb(self) -> Any:
+        if self.image is None:
+            self._open()
+        im = self.image
+        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        rgb.load()
+        return rgb
+
+    def hwc(self) -> Any:
         """The full-size frame as a uint8 numpy array ``[H, W, 3]`` (decoded by PIL, as :func:`load_frame`),
-        possibly a read-only view; ``rgbx=True`` gives ``[H, W, 4]`` with a padding 4th channel for
-        file frames (PIL stores RGB as RGBX, so this skips a repacking copy)."""
+        possibly a read-only view."""
         import numpy as np
 
         if self.tensor is not None:
             return self.tensor.permute(1, 2, 0).numpy()
-        im = self.image
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
-        rgb.load()
-        if rgbx:
-            return np.frombuffer(rgb.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(rgb.height, rgb.width, 4)
-        return np.asarray(rgb, dtype=np.uint8)
+        if self.data is not None:
+            return self.rgbx(np.empty((*self.size, 4), dtype=np.uint8))[..., :3]
+        return np.asarray(self._rgb(), dtype=np.uint8)
 
     def draft_hwc(self, smap: _SourceMap, scale: int) -> Any:
         """Decode at ``1/scale`` and resample ``smap.box`` to ``smap.out``: uint8 ``[h, w, 4]`` (RGBX, not flipped)."""
         import numpy as np
         from PIL import Image
 
+        if self.image is None:
+            self._open(from_data=True)
         im = self.image
         H, W = self.size
         got = im.draft("RGB", (max(1, W // scale), max(1, H // scale)))
@@ -680,7 +791,7 @@ def load_frame_uint8(path: FrameSource) -> Tensor:
 
     src = _Source(path)
     try:
-        return torch.from_numpy(np.array(src.hwc(), dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(src.hwc(), dtype=np.uint8, order="C", copy=True)).permute(2, 0, 1)
     finally:
         src.close()
 
@@ -695,8 +806,19 @@ def _draft_scale(smap: _SourceMap | None, sources: Sequence[_Source]) -> int:
     return 1
 
 
-def _decode_geometry(sources: Sequence[_Source], steps: Sequence[Any], height: int, width: int, draft: bool) -> Tensor:
-    """Decode the unique frames and run the geometric steps in uint8: ``[U, 3, h, w]`` (any strides)."""
+#: Frames decoded, resized and converted together on the fast path: small enough that a group's
+#: uint8 and float copies stay in the CPU cache between the stages, large enough for batched kernels.
+_GROUP_FRAMES = 4
+
+
+def _geometry_groups(
+    sources: Sequence[_Source], steps: Sequence[Any], height: int, width: int, draft: bool
+) -> Iterator[Tensor]:
+    """Decode the unique frames and run the geometric steps in uint8, a few frames at a time.
+
+    Yields ``[g, 3, h, w]`` uint8 tensors (any strides) covering ``sources`` in order; a yielded
+    tensor may share memory with the next group, so use it before asking for the next one.
+    """
     import numpy as np
 
     smap = _source_map(steps, height, width) if draft else None
@@ -704,7 +826,8 @@ def _decode_geometry(sources: Sequence[_Source], steps: Sequence[Any], height: i
     if scale > 1:
         assert smap is not None
         clip = torch.from_numpy(np.stack([s.draft_hwc(smap, scale) for s in sources])).permute(0, 3, 1, 2)
-        return (_hflip_u8(clip) if smap.flip else clip)[:, :3]
+        yield (_hflip_u8(clip) if smap.flip else clip)[:, :3]
+        return
     steps = list(steps)
     rows, cols = slice(None), slice(None)
     first = steps[0] if steps else None
@@ -714,14 +837,34 @@ def _decode_geometry(sources: Sequence[_Source], steps: Sequence[Any], height: i
             rows = slice(first.top, first.top + first.height)
             cols = slice(first.left, first.left + first.width)
             steps[0] = _Resize(first.size, *first.size, first.antialias) if first.size is not None else None
-    rgbx = all(s.tensor is None for s in sources)
-    clip = torch.from_numpy(np.stack([s.hwc(rgbx)[rows, cols] for s in sources])).permute(0, 3, 1, 2)
-    for st in steps:
-        if isinstance(st, _Flip):
-            clip = _hflip_u8(clip)
-        elif st is not None:
-            clip = st.apply(clip)  # a 4th (padding) channel is resized along, never read
-    return clip[:, :3]
+    # decode each frame into one RGBX frame buffer (reused, so it stays in cache) and copy only
+    # its crop box into the group; the 4th (padding) channel is resized along, never read
+    h = len(range(height)[rows])
+    w = len(range(width)[cols])
+    out = np.empty((min(_GROUP_FRAMES, len(sources)), h, w, 4), dtype=np.uint8)
+    frame = np.empty((height, width, 4), dtype=np.uint8)
+    for start in range(0, len(sources), _GROUP_FRAMES):
+        part = sources[start : start + _GROUP_FRAMES]
+        for j, s in enumerate(part):
+            out[j] = s.rgbx(frame)[rows, cols]
+        clip = torch.from_numpy(out[: len(part)]).permute(0, 3, 1, 2)
+        for st in steps:
+            if isinstance(st, _Flip):
+                clip = _hflip_u8(clip)
+            elif isinstance(st, _Resize) and clip.shape[0] > 1 and _native_uint8_resize():
+                if (st.height, st.width) != tuple(clip.shape[-2:]):  # F.resize returns an equal size as is
+                    # the interpolate call F.resize makes for a uint8 clip here, without its overhead
+                    clip = Fnn.interpolate(clip, size=(st.height, st.width), mode="bilinear",
+                                           align_corners=False, antialias=st.antialias)
+            elif st is not None:
+                clip = st.apply(clip)
+        yield clip[:, :3]
+
+
+@functools.lru_cache(maxsize=None)
+def _native_uint8_resize() -> bool:
+    """torchvision's ``F.resize`` runs a uint8 bilinear resize natively (no float round trip) here."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _hflip_u8(clip: Tensor) -> Tensor:
@@ -761,8 +904,50 @@ def _fold_pointwise(
     return n, ([a, b, lo, hi] if n else None)
 
 
+class _Uint8ToFloat:
+    """Write uint8 frames ``[..., 3, h, w]`` (any strides) into float frames as ``clamp(a * x + b)``
+    per channel (the folded pointwise ops), or as ``x / 255`` (exactly :func:`load_frame`) when none.
+
+    Called a few frames at a time: the affine passes then run on frames that the conversion has
+    just left in cache (over a whole clip they stream it through memory three times, which a loaded
+    machine pays dearly).
+    """
+
+    def __init__(self, coef: list[list[float]] | None) -> None:
+        self.coef = coef
+        if coef is None:
+            return
+        a, b, lo, hi = coef
+        self.scale, self.shift = torch.tensor(a).view(-1, 1, 1), torch.tensor(b).view(-1, 1, 1)
+        # clamp only where a folded brightness can leave [0, 1]; as a bound on x when it is the same
+        # for every channel (brightness then normalise: x <= 255 / f), else per channel afterwards
+        clamp = [c for c in range(len(a)) if lo[c] > b[c] or hi[c] < 255.0 * a[c] + b[c]]
+        upper_only = len(clamp) == len(a) and all(a[c] > 0 and lo[c] <= b[c] for c in clamp)
+        x_hi = [(hi[c] - b[c]) / a[c] for c in clamp] if upper_only else []
+        shared = bool(x_hi) and max(x_hi) - min(x_hi) <= 1e-9 * max(x_hi)
+        self.x_max = min(x_hi) if shared else None
+        self.bounds = [] if shared else [
+            (c, lo[c] if lo[c] > b[c] else None, hi[c] if hi[c] < 255.0 * a[c] + b[c] else None) for c in clamp
+        ]
+
+    def __call__(self, out: Tensor, frames8: Tensor) -> None:
+        """``out`` float ``[..., 3, h, w]`` <- ``frames8`` uint8 of the same shape (any strides)."""
+        out.copy_(frames8)  # conversion and layout change in one pass
+        if self.coef is None:
+            out.div_(255.0)
+            return
+        if self.x_max is not None:
+            out.clamp_(max=self.x_max)
+        out.mul_(self.scale).add_(self.shift)  # (a mixed-dtype addcmul is far slower)
+        for c, low, high in self.bounds:
+            out.select(-3, c).clamp_(min=low, max=high)
+
+
 def _run_fast(
-    transforms: Sequence[Callable[..., Tensor]], frames: Sequence[FrameSource], generator: torch.Generator | None, draft: bool
+    transforms: Sequence[Callable[..., Tensor]],
+    frames: Sequence[FrameSource],
+    generator: torch.Generator | None,
+    draft: bool,
 ) -> Tensor:
     if isinstance(frames, (str, os.PathLike, Tensor)) or len(frames) == 0:
         raise ValueError(f"apply_to_frames: expected a non-empty sequence of frames, got {frames!r:.80}")
@@ -786,30 +971,30 @@ def _run_fast(
         steps: list[Any] = []
         h, w, i = height, width, 0
         while i < len(transforms) and isinstance(transforms[i], _GeometricTransform):
-            for st in transforms[i].steps(h, w, generator):
+            for st in transforms[i]._steps(h, w, generator):
                 steps.append(st)
                 h, w = st.out_size()
             i += 1
-        clip8 = _decode_geometry(sources, steps, height, width, draft)
+        rest = transforms[i:]
+        n, coef = _fold_pointwise(rest, generator, 3)  # draws what the reference draws next
+        convert = _Uint8ToFloat(coef)
+        positions: list[list[int]] = [[] for _ in unique]
+        for k, u in enumerate(order):
+            positions[u].append(k)
+        clip = torch.empty((len(order), 3, h, w), dtype=torch.float32)
+        u = 0
+        for part in _geometry_groups(sources, steps, height, width, draft):
+            g = part.shape[0]
+            if order[u : u + g] == list(range(u, u + g)) and all(len(positions[v]) == 1 for v in range(u, u + g)):
+                convert(clip[u : u + g], part)  # the usual case: distinct frames, in order
+            else:
+                for j in range(g):
+                    for k in positions[u + j]:
+                        convert(clip[k], part[j])
+            u += g
     finally:
         for s in sources:
             s.close()
-    if len(unique) != len(frames):
-        clip8 = clip8[torch.tensor(order)]
-    rest = transforms[i:]
-    n, coef = _fold_pointwise(rest, generator, clip8.shape[1])
-    # uint8 (any strides) -> contiguous float at output size, then the folded affine ops
-    clip = torch.empty(clip8.shape, dtype=torch.float32)
-    if coef is None:
-        clip.copy_(clip8).div_(255.0)  # exactly load_frame's float(x) / 255
-    else:
-        a, b, lo, hi = coef
-        view = (1, -1, 1, 1)
-        clip.copy_(clip8)  # conversion and layout change in one pass (a mixed-dtype addcmul is far slower)
-        clip.mul_(torch.tensor(a).view(view)).add_(torch.tensor(b).view(view))
-        for c in range(clip.shape[1]):  # clamp only where the folded brightness can leave [0, 1]
-            if lo[c] > b[c] or hi[c] < 255.0 * a[c] + b[c]:
-                clip[:, c].clamp_(min=lo[c] if lo[c] > b[c] else None, max=hi[c] if hi[c] < 255.0 * a[c] + b[c] else None)
     for t in rest[n:]:
         if isinstance(t, ClipRandomErasing):
             clip = t._erase(clip, generator, inplace=True)

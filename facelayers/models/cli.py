@@ -77,67 +77,30 @@ class ScriptArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _num(text: str, kind: type, what: str) -> float | int:
-    try:
-        v = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return v
+def _number_type(name: str, kind: type, what: str, ok: Callable[[float], bool]) -> Callable[[str], float | int]:
+    """An argparse ``type=`` function parsing ``kind`` (int or finite float) and requiring ``ok``."""
+
+    def parse(text: str) -> float | int:
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(v)) or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"argparse ``type=``: {what}."
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1."""
-    v = _num(text, int, "an integer >= 1")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(v)
-
-
-def nonnegative_int(text: str) -> int:
-    """An int >= 0."""
-    v = _num(text, int, "an integer >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(v)
-
-
-def finite_float(text: str) -> float:
-    """Any finite number."""
-    return float(_num(text, float, "a finite number"))
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    v = _num(text, float, "a finite number > 0")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return float(v)
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0."""
-    v = _num(text, float, "a finite number >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return float(v)
-
-
-def open_unit_float(text: str) -> float:
-    """A number in the open interval (0, 1)."""
-    v = _num(text, float, "a number in (0, 1)")
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return float(v)
-
-
-def unit_float(text: str) -> float:
-    """A number in (0, 1]."""
-    v = _num(text, float, "a number in (0, 1]")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return float(v)
+positive_int = _number_type("positive_int", int, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = _number_type("nonnegative_int", int, "an integer >= 0", lambda v: v >= 0)
+finite_float = _number_type("finite_float", float, "a finite number", lambda v: True)
+positive_float = _number_type("positive_float", float, "a finite number > 0", lambda v: v > 0)
+nonnegative_float = _number_type("nonnegative_float", float, "a finite number >= 0", lambda v: v >= 0)
+open_unit_float = _number_type("open_unit_float", float, "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+unit_float = _number_type("unit_float", float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
 def output_folder(text: str) -> str:

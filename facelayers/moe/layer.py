@@ -15,8 +15,9 @@ ONE grouped-expert call for a mixed batch). Router and bank are injectable (``ro
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,11 @@ LEGACY_PARAMETER_NAMES: dict[str, str] = {
     "w2": "experts.w2",
     "b2": "experts.b2",
 }
+
+
+#: Children of ``MoEFFN`` listed before the layer itself by ``named_modules`` (parameter order, see
+#: ``MoEFFN.named_modules``).
+_PARAMETER_ORDER_FIRST = ("router", "experts")
 
 
 class MissingTaskIdsWarning(UserWarning):
@@ -117,6 +123,15 @@ def _legacy_parameter(old: str) -> property:
             raise TypeError(f"MoEFFN.{old} takes a tensor for {part}.{attr} (expected Tensor, got {type(value).__name__})")
 
     return property(get, set_, doc=f"``{LEGACY_PARAMETER_NAMES[old]}`` under its older name ``{old}``.")
+
+
+def _rng_untouched(device: torch.device | str | None) -> contextlib.AbstractContextManager:
+    """A context that restores the CPU generator (and that of ``device``, when it has one) on exit."""
+    dev = torch.empty(0, device=device).device  # resolves device=None through the default device
+    if dev.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    index = dev.index if dev.index is not None else torch.get_device_module(dev.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=dev.type)
 
 
 def _build(layer: Any, what: str, kwargs: dict, checks: dict) -> nn.Module:
@@ -253,18 +268,25 @@ class MoEFFN(nn.Module):
         self.aux_loss_mode = aux_loss
         self.batch_first = batch_first
         fk = {"device": device, "dtype": dtype}
-        self.router = _build(
-            TaskTopKRouter if router_layer is None else router_layer, "router_layer",
-            dict(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, renormalize=renormalize,
-                 noise_std=noise_std, **fk),
-            dict(num_experts=num_experts, top_k=top_k, num_tasks=num_tasks),
-        )
-        self.experts = _build(
-            GroupedExperts if experts_layer is None else experts_layer, "experts_layer",
-            dict(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, num_tasks=num_tasks,
-                 activation=activation, backend=backend, **fk),
-            dict(num_experts=num_experts, num_tasks=num_tasks),
-        )
+        # Parts built here leave the global RNG untouched (their own initialisation runs under a forked
+        # RNG and is redone by `self._reset` below, experts first), so a layer built at a seed draws
+        # exactly the pre-composition sequence: experts w1, w2, then the router weight. Built modules
+        # passed in keep their weights and draw nothing.
+        with _rng_untouched(device):
+            self.router = _build(
+                TaskTopKRouter if router_layer is None else router_layer, "router_layer",
+                dict(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, renormalize=renormalize,
+                     noise_std=noise_std, **fk),
+                dict(num_experts=num_experts, top_k=top_k, num_tasks=num_tasks),
+            )
+            self.experts = _build(
+                GroupedExperts if experts_layer is None else experts_layer, "experts_layer",
+                dict(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, num_tasks=num_tasks,
+                     activation=activation, backend=backend, **fk),
+                dict(num_experts=num_experts, num_tasks=num_tasks),
+            )
+        self._built_parts = tuple(name for name, layer in (("experts", experts_layer), ("router", router_layer))
+                                  if not isinstance(layer, nn.Module))
         self.gamma = nn.Parameter(torch.empty((dim,) if gamma == "vector" else (), **fk))
         self._task_ids: Tensor | None = None  # set through `task_ids` (moe_task_context); None = task 0
         self._warned_missing_ids = False
@@ -272,14 +294,22 @@ class MoEFFN(nn.Module):
         self.last_router_prob: Tensor | None = None
         self.aux_loss: Tensor | None = None
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
-        self.reset_parameters()
+        self._reset(self._built_parts)
 
     def reset_parameters(self) -> None:
-        """Initialise the private branch (the shared expert is left untouched): the router's and expert
-        bank's own ``reset_parameters()`` (defaults: Xavier-uniform experts, zero biases, router
-        Xavier-uniform with gain 0.1, as the released code), γ = ``gamma_init``."""
-        for module in (self.router, self.experts):
-            reset = getattr(module, "reset_parameters", None)
+        """Initialise the private branch (the shared expert is left untouched): the expert bank's, then
+        the router's own ``reset_parameters()`` (defaults: Xavier-uniform experts ``w1`` then ``w2``,
+        zero biases, router Xavier-uniform with gain 0.1, as the released code), γ = ``gamma_init``.
+
+        Random draws, in order: ``experts.w1``, ``experts.w2``, ``router.weight`` (the order of the layer
+        before the router and bank became modules, so a seed gives the same weights). Construction does
+        the same, except that a router or bank passed in built keeps its weights (it is not reset).
+        """
+        self._reset(("experts", "router"))
+
+    def _reset(self, parts: Sequence[str]) -> None:
+        for name in parts:
+            reset = getattr(getattr(self, name), "reset_parameters", None)
             if callable(reset):
                 reset()
         with torch.no_grad():
@@ -288,6 +318,37 @@ class MoEFFN(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, num_tasks={self.num_tasks}, "
                 f"gamma={self.gamma_mode!r}, aux_loss={self.aux_loss_mode!r}, batch_first={self.batch_first}")
+
+    # ------------------------------------------------------------------ parameter order
+    def named_modules(
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """Sub-modules in the order that keeps :meth:`parameters` in the pre-composition layer's order.
+
+        ``parameters()``/``named_parameters()`` (and so optimizers, ``clip_grad_norm_``, DDP buckets)
+        list a module's parameters in ``named_modules()`` order. Before the router and the expert bank
+        became modules, a ``MoEFFN`` listed ``router_weight, router_bias, w1, b1, w2, b2, gamma`` and then
+        the shared FFN's parameters. This order is kept by listing ``router`` and ``experts`` (with
+        their sub-modules) *before* this layer, then the other children (``shared``). Names are
+        unchanged; only the position of this layer relative to those two children differs from
+        ``nn.Module``'s pre-order. Why it matters: optimizer state dicts are positional (a checkpoint
+        saved before still lines up) and order-dependent reductions such as the total norm of
+        ``clip_grad_norm_`` round differently in another order (a reproducibility break for a seed).
+        """
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        dot = prefix + "." if prefix else ""
+        first = [name for name in _PARAMETER_ORDER_FIRST if self._modules.get(name) is not None]
+        for name in first:
+            yield from self._modules[name].named_modules(memo, dot + name, remove_duplicate)  # type: ignore[union-attr]
+        yield prefix, self
+        for name, module in self._modules.items():
+            if module is not None and name not in first:
+                yield from module.named_modules(memo, dot + name, remove_duplicate)
 
     # ------------------------------------------------------------------ task ids (public read/write)
     @property

@@ -42,6 +42,7 @@ from .checkpoint import (
     read_checkpoint_config,
     resolve_checkpoint,
     save_model,
+    upgrade_checkpoint,
     verify_checkpoint,
 )
 from .config import EXECUTION_FIELDS, MAPPINGS, MODES, TINY_CLIP, ModelConfig, tiny_clip_kwargs
@@ -80,4 +81,5 @@ __all__ = [
     "resolve_checkpoint",
     "save_model",
     "verify_checkpoint",
+    "upgrade_checkpoint",
 ]

@@ -59,8 +59,10 @@ def build_backbone(name: str = "tiny", pretrained: str | None = None, *, clip_kw
     """An open_clip ``CLIP`` model (vision + text towers).
 
     Args:
-        name: ``"tiny"`` (random init, :data:`~facelayers.models.ssm.TINY_CLIP` or ``clip_kwargs``)
-            or an open_clip model name such as ``"ViT-B-16"``.
+        name: ``"tiny"`` (random init, :data:`~facelayers.models.ssm.TINY_CLIP` or ``clip_kwargs``),
+            ``"tiny-facs"`` (the same architecture pretrained on synthetic FACS captions, shipped with the
+            package: :func:`facelayers.assets.load_tiny_facs_clip`) or an open_clip model name such as
+            ``"ViT-B-16"``.
         pretrained: a local checkpoint file, an open_clip pretrained tag (needs network or a
             filled cache), or ``None`` for random init.
         clip_kwargs: ``open_clip.CLIP`` kwargs for ``"tiny"``.
@@ -70,6 +72,18 @@ def build_backbone(name: str = "tiny", pretrained: str | None = None, *, clip_kw
     """
     import open_clip
 
+    if name == "tiny-facs":
+        # the default tiny architecture, contrastively pretrained on synthetic FACS captions (shipped in
+        # facelayers/assets, no download; docs/zeroshot.md has its recipe and hash)
+        if pretrained:
+            raise BackboneUnavailableError("the tiny-facs backbone ships its own weights (expected no --pretrained, "
+                                           f"got {pretrained!r})")
+        if clip_kwargs is not None and clip_kwargs != TINY_CLIP:
+            raise BackboneUnavailableError("the tiny-facs backbone has the default tiny shape (expected no --tiny "
+                                           f"shape, got {clip_kwargs})")
+        from facelayers.assets import load_tiny_facs_clip
+
+        return load_tiny_facs_clip().train()
     if name == "tiny":
         if pretrained:
             raise BackboneUnavailableError("the tiny backbone is random-init only; drop --pretrained or pick --backbone ViT-B-16")
@@ -254,7 +268,7 @@ def build_model(cfg: ModelConfig, *, pretrained: str | None = None, clip: nn.Mod
     cfg.validate()
     if clip is None:
         clip = build_backbone(cfg.backbone, pretrained, clip_kwargs=cfg.clip_kwargs)
-    if cfg.backbone == "tiny" and cfg.clip_kwargs is None:
+    if cfg.backbone in ("tiny", "tiny-facs") and cfg.clip_kwargs is None:
         cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
     img = clip.visual.image_size
     cfg.image_size = int(img[0] if isinstance(img, (tuple, list)) else img)

@@ -40,6 +40,7 @@ __all__ = [
     "verify_checkpoint",
     "check_vocabularies",
     "resolve_checkpoint",
+    "upgrade_checkpoint",
 ]
 
 #: ``facelayers.kind`` metadata value of a reference-SSM weights file.
@@ -89,7 +90,7 @@ def read_checkpoint_config(folder: str | os.PathLike, name: str = "model") -> di
     """
     json_path, _ = _paths(folder, name)
     if not os.path.isfile(json_path):
-        raise CheckpointError(json_path, f"no checkpoint config (expected {name}.json beside {name}.safetensors)")
+        raise CheckpointError(json_path, f"no checkpoint config (expected {name}.json beside {name}.safetensors, got no such file)")
     meta = read_json(json_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         got = type(meta.get("config")).__name__ if isinstance(meta, dict) else type(meta).__name__
@@ -112,7 +113,7 @@ def _meta_json(st_path: str, header: SafetensorsHeader, key: str) -> Any:
     raw = header.metadata.get(key)
     if raw is None:
         raise CheckpointError(st_path, f"has no {key!r} metadata (expected a weights file written by "
-                                       "facelayers.models.ssm.save_model)", field=key)
+                                       "facelayers.models.ssm.save_model, got a file without it)", field=key)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as err:
@@ -123,6 +124,11 @@ def _meta_json(st_path: str, header: SafetensorsHeader, key: str) -> Any:
 def _check_against_metadata(json_path: str, st_path: str, cfg: dict[str, Any], header: SafetensorsHeader) -> None:
     """The JSON config must say what the weights file says about itself."""
     kind = header.metadata.get(_META_KIND)
+    if kind is None and header.metadata.get("facelayers") == CHECKPOINT_KIND:
+        raise CheckpointError(st_path, "written by an older facelayers without the config copy that makes it "
+                                       "self-checking (expected metadata facelayers.kind, got a legacy checkpoint); "
+                                       "check its JSON, then convert it once with "
+                                       "facelayers.models.ssm.upgrade_checkpoint", field=_META_KIND)
     if kind != CHECKPOINT_KIND:
         raise CheckpointError(st_path, f"is not a reference-SSM weights file (expected metadata {_META_KIND}="
                                        f"{CHECKPOINT_KIND!r}, got {kind!r})", field=_META_KIND)
@@ -215,19 +221,74 @@ def load_weights(model: SSMModel, folder: str | os.PathLike, name: str = "model"
 
 def load_model(folder: str | os.PathLike, name: str = "model", *, device: str | torch.device = "cpu") -> SSMModel:
     """Rebuild the model from ``{name}.json`` (no download: random init, then the saved weights,
-    after every check of the module docstring); eval mode on ``device``.
+    after every check of the module docstring); eval mode on ``device``. A converted released
+    model (``facelayers.kind = "ssm_release"``, docs/release.md) is rebuilt by
+    :func:`facelayers.models.ssm.release.load_release_model` with its own checks.
 
     ``folder`` may also be a run folder, a checkpoint folder or a ``.safetensors`` path
     (see :func:`resolve_checkpoint`) when ``name`` is left at its default.
     """
     if name == "model" and not os.path.isfile(_paths(folder, name)[1]):
         folder, name = resolve_checkpoint(folder)
+    from .release import is_release_checkpoint, load_release_model
+
+    if is_release_checkpoint(folder, name):  # a converted released model (metadata kind "ssm_release")
+        return load_release_model(folder, name, device=device)
     cfg, _, _ = verify_checkpoint(folder, name)
     from .builders import build_model
 
     model = build_model(cfg, pretrained=None)
     load_weights(model, folder, name)
     return model.to(device).eval()
+
+
+def upgrade_checkpoint(folder: str | os.PathLike, name: str = "model", *, out: str | os.PathLike | None = None) -> str:
+    """Convert a checkpoint written before the self-check metadata existed (metadata
+    ``facelayers=ssm_reference``, an ``aliases`` table in its JSON) into the current format.
+
+    Its JSON is TRUSTED (nothing else says what the weights are): look at it first. The weights
+    must fit the model the JSON describes (shapes, no missing / unexpected tensors, finite values);
+    older MoE parameter names are mapped by ``MoEFFN``'s own state-dict remap.
+
+    Args:
+        folder, name: the legacy ``{name}.safetensors`` + ``{name}.json``.
+        out: folder to write the converted pair to (default: in place).
+
+    Returns:
+        The folder written to.
+
+    Raises:
+        CheckpointError: not a legacy checkpoint, or weights that do not fit its JSON.
+    """
+    from safetensors.torch import load_file
+
+    from .builders import build_model
+
+    json_path, st_path = _paths(folder, name)
+    meta = read_checkpoint_config(folder, name)
+    header = inspect_safetensors(st_path)
+    if header.metadata.get("facelayers") != CHECKPOINT_KIND or _META_KIND in header.metadata:
+        raise CheckpointError(st_path, f"not a legacy reference-SSM checkpoint (expected metadata facelayers="
+                                       f"{CHECKPOINT_KIND!r} without {_META_KIND}, got {header.metadata})")
+    cfg = _config_from_json(json_path, meta["config"])
+    model = build_model(cfg, pretrained=None)
+    from facelayers.io import check_finite_tensors
+
+    check_finite_tensors(st_path)
+    sd = load_file(st_path)
+    for alias, key in meta.get("aliases", {}).items():
+        if key not in sd:
+            raise CheckpointError(json_path, f"alias {alias!r} points to a missing tensor (expected one of the file's "
+                                             f"tensors, got {key!r})", field="aliases")
+        sd[alias] = sd[key]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(st_path, f"does not fit the model its JSON describes (expected no missing / unexpected "
+                              f"tensors, got missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    extra = {k: v for k, v in meta.items() if k not in ("config", "aliases")}
+    target = os.fspath(out) if out is not None else os.fspath(folder)
+    save_model(model, target, extra, name=name)
+    return target
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, str]:
@@ -246,10 +307,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, str]:
         raise CheckpointError(path, "not a checkpoint (expected a run folder, a checkpoint folder or a "
                                     f".safetensors file, got a file named {os.path.basename(path)!r})")
     if not os.path.isdir(path):
-        raise CheckpointError(path, "not found (expected a run folder, a checkpoint folder or a .safetensors file)")
+        raise CheckpointError(path, "not found (expected a run folder, a checkpoint folder or a .safetensors file, got no such path)")
     for folder in (os.path.join(path, "checkpoint"), path):
         for name in ("best", "last", "model"):
             if os.path.isfile(os.path.join(folder, f"{name}.safetensors")):
                 return folder, name
     raise CheckpointError(path, "no checkpoint found (expected a run folder, a checkpoint folder with "
-                                "best.safetensors / last.safetensors, or a .safetensors file)")
+                                "best.safetensors / last.safetensors, or a .safetensors file, got none of them)")

@@ -26,6 +26,7 @@ __all__ = [
     "split_indices",
     "split_by_subject",
     "check_expression_vocabulary",
+    "check_media_present",
     "SYNTHETIC_DEFAULT",
     "SYNTHETIC_QUICK",
 ]
@@ -117,6 +118,22 @@ def check_expression_vocabulary(records: Sequence[Any], dataset: str, path: str 
             f"--exp-dataset dfew or ferv39k)")
 
 
+def check_media_present(records: Sequence[Any], root: str | os.PathLike, manifest: str | os.PathLike) -> None:
+    """Every clip folder / video (expression records) or sequence folder (AU records) a manifest
+    names exists under ``root`` (frames inside are checked when read).
+
+    Raises:
+        DataUnavailableError: naming the manifest, the root, how many are missing and a few of them.
+    """
+    root = os.fspath(root)
+    wanted = sorted({getattr(r, "sequence", None) or r.path for r in records})
+    missing = [w for w in wanted if not os.path.exists(os.path.join(root, w))]
+    if missing:
+        raise DataUnavailableError(
+            f"{os.fspath(manifest)}: {len(missing)} of {len(wanted)} folders missing under {root} (expected every "
+            f"listed folder to exist, got none for {missing[:3]}{' ...' if len(missing) > 3 else ''})")
+
+
 def build_real_datasets(
     *, frames: int, image_size: int, seed: int, val_fraction: float, au_dataset: str, au_root: str | None,
     au_manifest: str | None, au_test_manifest: str | None, exp_dataset: str, exp_root: str | None,
@@ -150,23 +167,33 @@ def build_real_datasets(
     rate = None
     if "au" in tasks:
         recs = read_manifest(au_manifest, au_dataset)
-        tr_recs, va_recs = split_by_subject(recs, val_fraction, seed)
+        te_recs = read_manifest(au_test_manifest, au_dataset)
+        check_media_present(recs, au_root, au_manifest)
+        check_media_present(te_recs, au_root, au_test_manifest)
+        try:
+            tr_recs, va_recs = split_by_subject(recs, val_fraction, seed)
+        except ValueError as err:
+            raise DataUnavailableError(f"{os.fspath(au_manifest)}: {err}") from None
         kw = dict(num_frames=frames, label_mode=au_select)
         train["au"] = AUClipDataset(tr_recs, au_root, train=True, transform=tr_tf, seed=seed, **kw)
         val["au"] = AUClipDataset(va_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
-        te_recs = read_manifest(au_test_manifest, au_dataset)
         test["au"] = AUClipDataset(te_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
         lab = torch.tensor([r.labels for r in te_recs], dtype=torch.float64)
         rate = lab.mean(0).tolist()
     if "exp" in tasks:
         recs = read_manifest(exp_manifest, exp_dataset)
+        te_recs = read_manifest(exp_test_manifest, exp_dataset)
         check_expression_vocabulary(recs, exp_dataset, exp_manifest)
-        tr_i, va_i = split_indices(len(recs), val_fraction, seed)
+        check_media_present(recs, exp_root, exp_manifest)
+        check_media_present(te_recs, exp_root, exp_test_manifest)
+        try:
+            tr_i, va_i = split_indices(len(recs), val_fraction, seed)
+        except ValueError as err:
+            raise DataUnavailableError(f"{os.fspath(exp_manifest)}: {err}") from None
         train["exp"] = ExpressionClipDataset([recs[i] for i in tr_i], exp_root, num_frames=frames, train=True,
                                              transform=tr_tf, seed=seed)
         val["exp"] = ExpressionClipDataset([recs[i] for i in va_i], exp_root, num_frames=frames, transform=ev_tf)
-        test["exp"] = ExpressionClipDataset(read_manifest(exp_test_manifest, exp_dataset), exp_root,
-                                            num_frames=frames, transform=ev_tf)
+        test["exp"] = ExpressionClipDataset(te_recs, exp_root, num_frames=frames, transform=ev_tf)
     return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate)
 
 

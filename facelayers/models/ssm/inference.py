@@ -2,6 +2,10 @@
 expression probabilities (``examples/predict_video.py`` is the CLI around it).
 
 Every frame is encoded once per task by the vision encoder; windows reuse the frame features.
+With a ``present`` mask (the frames where the face stage, :mod:`facelayers.faces`, found the face)
+only those frames are encoded; a window slot on a frame without a face takes the features of the
+nearest frame with one (:func:`facelayers.faces.nearest_present`), so no window ever sees an
+empty crop, and the outputs of frames / windows without a face are NaN (never dropped or shifted).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def read_frames(source: str | os.PathLike) -> tuple[Tensor, float | None]:
         if not frames:
             raise VideoReadError(f"{source}: no frames decoded (expected a video with at least one frame, got 0)")
     else:
-        raise VideoReadError(f"{source}: not found (expected a video file or a folder of frames)")
+        raise VideoReadError(f"{source}: not found (expected a video file or a folder of frames, got no such path)")
     shapes = {tuple(f.shape) for f in frames}
     if len(shapes) > 1:
         raise VideoReadError(f"{source}: frames of different sizes (expected one size, got {sorted(shapes)})")
@@ -108,7 +112,7 @@ def expression_windows(n: int, t: int, window: int, stride: int) -> list[tuple[i
 
 @torch.no_grad()
 def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None, stride: int | None = None,
-                  batch: int = 64, device: str | torch.device = "cpu") -> dict[str, object]:
+                  batch: int = 64, device: str | torch.device = "cpu", present: Tensor | None = None) -> dict[str, object]:
     """Run a trained model over a video.
 
     Args:
@@ -117,19 +121,42 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
         window: expression window length in frames (default ``2 T``).
         stride: expression window step (default ``window // 2``).
         batch: frames / windows per forward.
+        device: where the model runs.
+        present: optional ``[N]`` bool, the frames that hold a face (e.g. ``FaceTrack.present``;
+            the other frames' content is never read). Only present frames are encoded; a window
+            slot on a frame without a face uses the nearest frame with one (ties: the earlier).
+            AU probabilities of frames without a face are NaN, and so are the expression
+            probabilities of a window none of whose ``T`` sampled frames has a face.
 
     Returns:
-        dict with ``au_probs [N, M]`` (or None), ``exp_windows`` list of ``(start, end)`` and
-        ``exp_probs [W, K]`` (or None).
+        dict with ``au_probs [N, M]`` (or None), ``exp_windows`` list of ``(start, end)``,
+        ``exp_probs [W, K]`` (or None) and ``exp_face_frames`` ``[W]`` long (how many of the ``T``
+        frames each window samples have a face; ``T`` everywhere without ``present``).
 
     Raises:
-        ValueError: ``frames`` not ``[N, 3, H, W]`` with ``N >= 1``, or a non-positive window /
-            stride / batch.
+        ValueError: ``frames`` not ``[N, 3, H, W]`` with ``N >= 1``, a non-positive window /
+            stride / batch, or ``present`` not a ``[N]`` bool tensor.
+        facelayers.faces.NoFaceError: ``present`` has no True frame.
     """
     from facelayers.data import eval_transform
 
     if not isinstance(frames, Tensor) or frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames must be [N, 3, H, W] with N >= 1, got {tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__}")
+    n = frames.shape[0]
+    if present is not None:
+        if not isinstance(present, Tensor) or present.dtype != torch.bool or tuple(present.shape) != (n,):
+            got = f"{present.dtype} {tuple(present.shape)}" if isinstance(present, Tensor) else type(present).__name__
+            raise ValueError(f"present must be a [N] bool tensor with N = {n} frames (expected torch.bool ({n},), got {got})")
+        from facelayers.faces import nearest_present
+
+        present = present.cpu()
+        source = nearest_present(present)  # NoFaceError when no frame has a face
+        keep = present.nonzero().squeeze(1)  # the frames that are encoded
+        slot = torch.full((n,), -1, dtype=torch.long)
+        slot[keep] = torch.arange(keep.numel())
+        feature_row = slot[source]  # frame -> row of the encoded features (its nearest present frame)
+    else:
+        keep, feature_row = None, torch.arange(n)
     for name, v in (("window", window), ("stride", stride), ("batch", batch)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int (expected >= 1, got {v!r})")
@@ -138,14 +165,13 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
     model = model.eval().to(device)
     cfg = model.cfg
     t = cfg.num_frames
-    n = frames.shape[0]
-    x = eval_transform(cfg.image_size)(frames.float())
-    out: dict[str, object] = {"au_probs": None, "exp_windows": [], "exp_probs": None}
+    x = eval_transform(cfg.image_size)(frames.float() if keep is None else frames[keep].float())
+    out: dict[str, object] = {"au_probs": None, "exp_windows": [], "exp_probs": None, "exp_face_frames": None}
     t_exp, t_au = model.text_features()
 
     def encode(task: str) -> Tensor:
-        feats = [model.encode_task_frames(x[i : i + batch].to(device), task) for i in range(0, n, batch)]
-        return torch.cat(feats).float()
+        feats = [model.encode_task_frames(x[i : i + batch].to(device), task) for i in range(0, x.shape[0], batch)]
+        return torch.cat(feats).float()[feature_row.to(device)]  # [N, ...]: one row per input frame
 
     if "au" in model.tasks:
         f = encode("au")
@@ -156,7 +182,10 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
             if logits.dim() == 3:  # model trained on all frames: read the centre slot
                 logits = logits[:, t // 2]
             probs.append(logits.float().sigmoid().cpu())
-        out["au_probs"] = torch.cat(probs)
+        au = torch.cat(probs)
+        if present is not None:
+            au[~present] = float("nan")
+        out["au_probs"] = au
     if "exp" in model.tasks:
         f = encode("exp")
         window = window or 2 * t
@@ -167,6 +196,10 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
         for i in range(0, len(wins), batch):
             logits = model.exp_logits_from_features(f[idx[i : i + batch]], t_exp)
             probs.append(logits.float().softmax(-1).cpu())
+        exp = torch.cat(probs)
+        faces = present[idx].sum(1) if present is not None else torch.full((len(wins),), t, dtype=torch.long)
+        exp[faces == 0] = float("nan")
         out["exp_windows"] = [(w[0], w[1]) for w in wins]
-        out["exp_probs"] = torch.cat(probs)
+        out["exp_probs"] = exp
+        out["exp_face_frames"] = faces
     return out

@@ -344,7 +344,7 @@ def _unpickle(data: bytes, src: str, records: Mapping[str, Any] | None, legacy_o
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except (EOFError, pickle.UnpicklingError, IndexError, ValueError, TypeError, AttributeError, KeyError,
-            struct.error) as err:
+            struct.error, MemoryError, OverflowError, RuntimeError) as err:
         raise CheckpointFormatError(f"{src} is truncated or damaged (expected a complete pickle, got "
                                     f"{type(err).__name__}: {err})") from None
     if legacy_ok and isinstance(obj, int) and obj == 0x1950A86A20F9469CFC6C:
