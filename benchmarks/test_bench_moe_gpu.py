@@ -40,6 +40,11 @@ ROUNDS = 20
 DTYPE = torch.bfloat16
 
 
+def each_size(test):
+    """The GPU benchmarks' marks: needs CUDA, one case per token count ``n`` of ``SIZES``."""
+    return pytest.mark.requires_cuda(pytest.mark.parametrize("n", SIZES)(test))
+
+
 @pytest.fixture
 def cuda() -> torch.device:
     if not torch.cuda.is_available():
@@ -90,30 +95,49 @@ def _torch_backend_fn():
     return _backend_fn("torch")
 
 
-def _time_moe(benchmark, fn, n: int, device: torch.device) -> None:
-    leaves, idx, gout = make_case(n, device)
-    x, gates, w1, b1, w2, b2 = leaves
+def _step(params, fwd_bwd):
+    """A timed step: clear the grads of ``params``, run ``fwd_bwd()``, synchronise CUDA."""
 
     def step():
-        for t in leaves:
+        for t in params:
             t.grad = None
-        out = fn(x, idx, gates, w1, b1, w2, b2)
-        out.backward(gout)
+        fwd_bwd()
         torch.cuda.synchronize()
 
-    benchmark.extra_info["flops"] = moe_flops(n)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    return step
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
-def test_gpu_moe_triton(benchmark, cuda, n):
+def _bench(benchmark, step, flops: float, *, rounds: int = ROUNDS, warmup_rounds: int = 3) -> None:
+    """Record the model FLOPs of one ``step`` and time it (one call per round)."""
+    benchmark.extra_info["flops"] = flops
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+
+
+def _time_moe(benchmark, fn, n: int, device: torch.device) -> None:
+    """``fn`` on the N = ``n`` case, forward + backward, in the group of that size."""
     benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
+    leaves, idx, gout = make_case(n, device)
+    x, gates, w1, b1, w2, b2 = leaves
+    _bench(benchmark, _step(leaves, lambda: fn(x, idx, gates, w1, b1, w2, b2).backward(gout)), moe_flops(n))
+
+
+def _time_dense_mlp(benchmark, device: torch.device, rows: int, hidden: int, seed: int, flops: float) -> None:
+    """One plain MLP ``D -> hidden -> D`` (GELU) over ``rows`` rows, forward + backward."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, D, generator=g).to(device=device, dtype=DTYPE).requires_grad_(True)
+    fc1 = torch.nn.Linear(D, hidden, device=device, dtype=DTYPE)
+    fc2 = torch.nn.Linear(hidden, D, device=device, dtype=DTYPE)
+    gout = torch.randn(rows, D, generator=g).to(device=device, dtype=DTYPE)
+    params = [x, *fc1.parameters(), *fc2.parameters()]
+    _bench(benchmark, _step(params, lambda: fc2(F.gelu(fc1(x))).backward(gout)), flops)
+
+
+@each_size
+def test_gpu_moe_triton(benchmark, cuda, n):
     _time_moe(benchmark, _triton_fn(), n, cuda)
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_moe_triton_cuda_graph(benchmark, cuda, n):
     """The Triton step captured in a CUDA graph (possible because it never syncs with the host): the
     GPU-bound time, without Python and launch overhead. The masked loop cannot be captured."""
@@ -129,33 +153,21 @@ def test_gpu_moe_triton_cuda_graph(benchmark, cuda, n):
     except Exception as exc:  # noqa: BLE001 - report why, do not fail the benchmark session
         pytest.skip(f"CUDA graph capture failed: {type(exc).__name__}: {exc}")
 
-    def step():
-        for t in leaves:
-            t.grad = None
-        graphed(*leaves).backward(gout)
-        torch.cuda.synchronize()
-
-    benchmark.extra_info["flops"] = moe_flops(n)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    _bench(benchmark, _step(leaves, lambda: graphed(*leaves).backward(gout)), moe_flops(n))
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_moe_masked_loop(benchmark, cuda, n):
-    benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
     set_role(benchmark, "baseline")
     _time_moe(benchmark, _backend_fn(RELEASE_BACKEND), n, cuda)
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_moe_torch_backend(benchmark, cuda, n):
-    benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
     _time_moe(benchmark, _torch_backend_fn(), n, cuda)
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_moe_grouped_mm(benchmark, cuda, n):
     """``torch._grouped_mm`` on pre-permuted rows (routing, un-permute and k-sum not timed)."""
     if not hasattr(torch, "_grouped_mm"):
@@ -168,67 +180,33 @@ def test_gpu_moe_grouped_mm(benchmark, cuda, n):
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(n * K, D, generator=g).to(device=cuda, dtype=DTYPE).requires_grad_(True)
     gout = torch.randn(n * K, D, generator=g).to(device=cuda, dtype=DTYPE)
-    params = [xs, w1, b1, w2, b2]
 
-    def step():
-        for t in params:
-            t.grad = None
+    def fwd_bwd():
         h = torch._grouped_mm(xs, w1, offs=offs) + b1[sorted_experts]
         y = torch._grouped_mm(F.gelu(h), w2, offs=offs) + b2[sorted_experts]
         y.backward(gout)
-        torch.cuda.synchronize()
 
+    step = _step([xs, w1, b1, w2, b2], fwd_bwd)
     try:
         step()
     except RuntimeError as exc:  # e.g. a card/dtype combination without grouped GEMM support
         pytest.skip(f"torch._grouped_mm failed here: {exc}")
-    benchmark.extra_info["flops"] = moe_flops(n)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    _bench(benchmark, step, moe_flops(n))
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_dense_ffn(benchmark, cuda, n):
     """The shared ViT-B/16 FFN 768 -> 3072 -> 768 (GELU), forward + backward."""
     benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(n, D, generator=g).to(device=cuda, dtype=DTYPE).requires_grad_(True)
-    fc1 = torch.nn.Linear(D, D_FFN, device=cuda, dtype=DTYPE)
-    fc2 = torch.nn.Linear(D_FFN, D, device=cuda, dtype=DTYPE)
-    gout = torch.randn(n, D, generator=g).to(device=cuda, dtype=DTYPE)
-    params = [x, *fc1.parameters(), *fc2.parameters()]
-
-    def step():
-        for t in params:
-            t.grad = None
-        fc2(F.gelu(fc1(x))).backward(gout)
-        torch.cuda.synchronize()
-
-    benchmark.extra_info["flops"] = dense_ffn_flops(n)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    _time_dense_mlp(benchmark, cuda, n, D_FFN, 2, dense_ffn_flops(n))
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("n", SIZES)
+@each_size
 def test_gpu_dense_same_flops(benchmark, cuda, n):
     """Roofline: one plain MLP 768 -> 512 -> 768 over N*k rows (the experts' FLOPs, no routing)."""
     benchmark.group = f"moe gpu bf16 fwd+bwd N={n}"
     set_role(benchmark, "roofline")
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randn(n * K, D, generator=g).to(device=cuda, dtype=DTYPE).requires_grad_(True)
-    fc1 = torch.nn.Linear(D, H, device=cuda, dtype=DTYPE)
-    fc2 = torch.nn.Linear(H, D, device=cuda, dtype=DTYPE)
-    gout = torch.randn(n * K, D, generator=g).to(device=cuda, dtype=DTYPE)
-    params = [rows, *fc1.parameters(), *fc2.parameters()]
-
-    def step():
-        for t in params:
-            t.grad = None
-        fc2(F.gelu(fc1(rows))).backward(gout)
-        torch.cuda.synchronize()
-
-    benchmark.extra_info["flops"] = moe_flops(n)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    _time_dense_mlp(benchmark, cuda, n * K, H, 3, moe_flops(n))
 
 
 @pytest.mark.requires_cuda
@@ -240,13 +218,11 @@ def test_bf16_matmul_peak(benchmark, cuda):
     b = torch.randn(size, size, device=cuda, dtype=DTYPE)
     out = torch.empty(size, size, device=cuda, dtype=DTYPE)
 
-    def step():
+    def mms():
         for _ in range(reps):
             torch.mm(a, b, out=out)
-        torch.cuda.synchronize()
 
-    benchmark.extra_info["flops"] = 2.0 * size**3 * reps
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+    _bench(benchmark, _step([], mms), 2.0 * size**3 * reps, rounds=10, warmup_rounds=2)
 
 
 def test_masked_loop_matches_triton_semantics_cpu():

@@ -48,6 +48,17 @@ def _choice(kind: str, options: Sequence[str]) -> Any:
     return parse
 
 
+def _file_stem(value: str) -> str:
+    """argparse ``type=``: a plain file stem (no folder, not hidden): letters, digits, ``_``, ``-``, ``.``."""
+    import argparse
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value) or value.endswith("."):
+        raise argparse.ArgumentTypeError(f"expected a plain file stem (letters, digits, _-., not starting with "
+                                         f"'.' or '-'), got {value!r}")
+    return value
+
+
 def build_parser() -> ScriptArgumentParser:
     p = ScriptArgumentParser(prog="convert_ssm_release.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=existing_file, help="the release's .pth (runner checkpoint or bare state dict)")
@@ -59,7 +70,7 @@ def build_parser() -> ScriptArgumentParser:
     p.add_argument("--dispatch", default="release", type=_choice("dispatch", DISPATCHES),
                    help="MoE dispatch: 'release' (default) reproduces the released outputs, bug included; "
                         "'fixed' routes every token to its own experts")
-    p.add_argument("--name", default="model", help="file stem inside --out (default: model)")
+    p.add_argument("--name", default="model", type=_file_stem, help="file stem inside --out (default: model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing converted model in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p

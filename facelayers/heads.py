@@ -43,6 +43,8 @@ def _check_features(z: Tensor, text: Tensor, dim: int | None) -> None:
         )
     if text.ndim != 2:
         raise ValueError(f"text has the wrong shape (expected [K, D], got shape {tuple(text.shape)})")
+    if text.shape[0] == 0:
+        raise ValueError(f"text holds no prototypes (expected [K >= 1, D], got shape {tuple(text.shape)})")
     if z.ndim not in (2, 3):
         raise ValueError(f"z has the wrong shape (expected [B, D] or [B, T, D], got shape {tuple(z.shape)})")
     if z.shape[-1] != text.shape[-1] or (dim is not None and text.shape[-1] != dim):

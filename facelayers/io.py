@@ -276,7 +276,7 @@ def load_module(
         def short(keys: list[str]) -> str:
             return str(keys[:6])[:-1] + (f", ... {len(keys) - 6} more]" if len(keys) > 6 else "]")
 
-        raise CheckpointError(path, f"does not fit the model (expected its {len(expected)} tensors; missing "
+        raise CheckpointError(path, f"does not fit the model (expected its {len(expected)} tensors, got missing "
                                     f"{short(missing)}, unexpected {short(unexpected)}){extra((missing or unexpected)[0])}",
                               field=(missing or unexpected)[0])
     return missing, unexpected

@@ -220,6 +220,8 @@ def au_auc(probs: Tensor, target: Tensor) -> dict[str, Tensor | float]:
     """
     _check_probs(probs)
     tgt = _binary_target(target, probs.shape)
+    if probs.shape[0] == 0:
+        raise ValueError(f"au_auc needs at least one frame (expected N >= 1, got probs of shape {tuple(probs.shape)})")
     per_au = torch.tensor(
         [_auc_1d(probs[:, j], tgt[:, j]) for j in range(probs.shape[1])], dtype=torch.float64
     )

@@ -8,6 +8,8 @@ larger one for everything new (the SSM paper: 1e-6 and 1e-4).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
@@ -69,13 +71,30 @@ def optimizer_param_groups(groups: Mapping[str, Sequence[nn.Parameter]], lrs: Ma
     """Optimizer parameter groups ``[{"params": ..., "lr": ..., "name": ...}]`` (empty groups dropped).
 
     Raises:
-        KeyError: a non-empty group has no learning rate in ``lrs``.
+        KeyError: a non-empty group has no learning rate in ``lrs``, or ``lrs`` names a group that
+            ``groups`` does not have (a typo would otherwise be ignored).
+        ValueError: a learning rate that is not a finite number >= 0, or a parameter in two groups
+            (torch would refuse it later, without naming the groups).
     """
+    unknown = sorted(set(lrs) - set(groups))
+    if unknown:
+        raise KeyError(f"learning rate for unknown parameter group(s) (expected names from {sorted(groups)}, "
+                       f"got {unknown})")
     out = []
+    seen: dict[int, str] = {}
     for name, params in groups.items():
         if not params:
             continue
         if name not in lrs:
             raise KeyError(f"no learning rate for parameter group {name!r} (expected one of {sorted(lrs)}, got {name!r})")
-        out.append(dict(params=list(params), lr=float(lrs[name]), name=name))
+        lr = lrs[name]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning rate of group {name!r} must be a finite number >= 0 (expected e.g. 1e-4, "
+                             f"got {lr!r})")
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"a parameter is in two groups (expected each parameter in one group, got it in "
+                                 f"{seen[id(p)]!r} and {name!r})")
+            seen[id(p)] = name
+        out.append(dict(params=list(params), lr=float(lr), name=name))
     return out

@@ -151,6 +151,12 @@ def _check_choice(name: str, val: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} is unknown (expected one of {choices}, got {val!r})")
 
 
+def _finite_factor(name: str, value: float) -> float:
+    """``float(value)`` for a finite real ``alpha`` / ``beta`` initial value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (expected e.g. 0.1, got {value!r})")
+    return float(value)
+
 class _ResidualSemanticMapping(nn.Module):
     """Residual text fusion shared by every mapping: ``t_exp + alpha * f_a(t_au)``, ``t_au + beta * f_b(t_exp)``.
 
@@ -324,12 +330,12 @@ class DynamicPriorMapping(_PriorMapBase, metaclass=_VariantDispatch):
     ) -> None:
         super().__init__()
         _check_choice("empty_rows", empty_rows, _EMPTY_ROWS)
-        if not tau > 0:
-            raise ValueError(f"tau must be positive (expected > 0, got {tau})")
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be positive (expected a finite number > 0, got {tau!r})")
         factory = _factory(device, dtype)
         self._init_prior(prior, learnable, dual, init, learnable_factors, renormalize, factory)
         self.tau = float(tau)
-        self.alpha_init, self.beta_init = float(alpha), float(beta)
+        self.alpha_init, self.beta_init = _finite_factor("alpha", alpha), _finite_factor("beta", beta)
         self.empty_rows = empty_rows
         self._register_maps("weight", factory, anchor=False)
         self.reset_parameters()
@@ -506,7 +512,7 @@ class ReleasePriorMapping(_PriorMapBase):
         if bad:
             raise ValueError(f"fixed_rows {bad} out of range (expected indices in [0, {k}) for K={k} expressions, got {list(fixed)})")
         self.fixed_rows = fixed
-        self.alpha_init, self.beta_init = float(alpha), float(beta)
+        self.alpha_init, self.beta_init = _finite_factor("alpha", alpha), _finite_factor("beta", beta)
         self.eps = float(eps)
         self._register_maps("delta", factory, anchor=True)
         self.reset_parameters()
@@ -668,7 +674,7 @@ class _LabelAxisMapping(_ResidualSemanticMapping):
     def _init_factors(self, num_expressions: int, num_aus: int, alpha: float, beta: float,
                       learnable_factors: bool, renormalize: bool, factory: dict) -> None:
         self._init_base(num_expressions, num_aus, renormalize)
-        self.alpha_init, self.beta_init = float(alpha), float(beta)
+        self.alpha_init, self.beta_init = _finite_factor("alpha", alpha), _finite_factor("beta", beta)
         self.learnable_factors = bool(learnable_factors)
         _scalar(self.learnable_factors, self, "alpha", factory)
         _scalar(self.learnable_factors, self, "beta", factory)

@@ -72,7 +72,8 @@ class CLIPTextTower(nn.Module):
     implementations.
 
     Args:
-        token_embedding: ``nn.Embedding(vocab, W)``.
+        token_embedding: ``nn.Embedding(vocab, W)``, or ``None`` for a tower fed only with stored prompt
+            embeddings (:class:`StoredPromptLearner`, e.g. the released checkpoints, which hold none).
         positional_embedding: ``[L, W]`` parameter or tensor.
         transformer: the text transformer; called as ``transformer(x, attn_mask=mask)``.
         ln_final: final layer norm over ``W``.
@@ -94,7 +95,7 @@ class CLIPTextTower(nn.Module):
 
     def __init__(
         self,
-        token_embedding: nn.Embedding,
+        token_embedding: nn.Embedding | None,
         positional_embedding: Tensor,
         transformer: nn.Module,
         ln_final: nn.Module,

@@ -49,10 +49,17 @@ __all__ = [
 ]
 
 
-def _check_frames(x: Tensor, dim: int, max_frames: int | None, name: str = "x") -> tuple[int, int]:
-    """Metadata-only checks of ``[B, T, D]`` frame features (no host sync)."""
+def _check_frames(x: Tensor, dim: int, max_frames: int | None, name: str = "x",
+                  param: Tensor | None = None) -> tuple[int, int]:
+    """Metadata-only checks of ``[B, T, D]`` frame features (no host sync); with ``param``, also that
+    ``x`` has the module's floating dtype (outside autocast, where mixed dtypes are expected)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a Tensor (expected shape [B, T, {dim}], got {type(x).__name__})")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point (expected a float tensor, got dtype {x.dtype})")
+    if (param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name} dtype does not match the module's parameters (expected {param.dtype}, got "
+                        f"{x.dtype}); convert the module with .to({x.dtype}) or the input with .to({param.dtype})")
     if x.ndim != 3:
         raise ValueError(f"{name} must be 3-d (expected shape [B, T, D={dim}], got shape {tuple(x.shape)})")
     b, t, d = x.shape
@@ -277,7 +284,7 @@ class TemporalTransformer(nn.Module):
         Returns:
             ``[B, P + T, D]`` (``P = 0`` without a prefix).
         """
-        b, t = _check_frames(x, self.dim, self.max_frames)
+        b, t = _check_frames(x, self.dim, self.max_frames, param=self.pos_embed)
         mask = _check_padding_mask(key_padding_mask, b, t)
         h = x + self.pos_embed[:t].to(x.dtype)
         n_prefix = 0
@@ -664,7 +671,7 @@ class LocalFrameAttention(nn.Module):
         Returns:
             ``[B, T, D]``.
         """
-        b, t = _check_frames(x, self.dim, None)
+        b, t = _check_frames(x, self.dim, None, param=self.norm.weight)
         mask = _check_padding_mask(key_padding_mask, b, t)
         h = self.norm(x)
         q = self.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -878,7 +885,7 @@ class GatedClsTemporalHead(nn.Module):
         Returns:
             ``[B, D]`` clip features.
         """
-        b, t = _check_frames(x, self.dim, self.max_frames)
+        b, t = _check_frames(x, self.dim, self.max_frames, param=self.pos_embed)
         mask = _check_padding_mask(key_padding_mask, b, t)
         pos = self.pos_embed[:, : t + 1].to(x.dtype)
         h = torch.cat([self.cls_token.to(x.dtype).expand(b, -1, -1), x], dim=1) + pos

@@ -265,6 +265,11 @@ def mix_clips(x: Tensor, lam: float, perm: Tensor) -> Tensor:
             f"perm must be an integer tensor of shape [B]=[{x.shape[0]}] (expected that, got "
             f"{perm.dtype} {tuple(perm.shape)})"
         )
+    if perm.device.type == "cpu" and perm.numel():  # value check only where it costs no device sync
+        lo, hi = int(perm.min()), int(perm.max())
+        if lo < 0 or hi >= x.shape[0]:
+            raise ValueError(f"perm holds a clip index out of range (expected 0..{x.shape[0] - 1}, "
+                             f"got {lo if lo < 0 else hi})")
     return lam * x + (1.0 - lam) * x[perm.to(x.device)]
 
 

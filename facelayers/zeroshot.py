@@ -324,33 +324,49 @@ def synthetic_timeline_figure(model: nn.Module, path: str | os.PathLike[str], *,
             "frames": int(labels.shape[0])}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m facelayers.zeroshot [--checkpoint FILE | --random] [--figure PNG] [--json FILE]``:
-    zero-shot numbers of the shipped tiny FACS CLIP (default), a compact checkpoint, or a random
-    tiny CLIP on the synthetic benchmark's test data."""
+def _cli(argv: list[str]) -> dict[str, Any]:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m facelayers.zeroshot", description=main.__doc__)
+    from facelayers.models import cli
+
+    def png(text: str) -> str:
+        path = cli.output_file(text)
+        if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+            raise argparse.ArgumentTypeError(f"expected an image file name ending in .png, .jpg, .jpeg, .pdf or .svg, "
+                                             f"got {text!r}")
+        return path
+
+    p = cli.ScriptArgumentParser(prog="python -m facelayers.zeroshot", description=main.__doc__)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--checkpoint", default=None, help="compact CLIP checkpoint (default: the shipped tiny FACS CLIP)")
+    g.add_argument("--checkpoint", default=None, type=cli.existing_file,
+                   help="compact CLIP checkpoint (default: the shipped tiny FACS CLIP)")
     g.add_argument("--random", action="store_true", help="a random-init default tiny CLIP (seed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--figure", default=None, help="PNG of zero-shot AU scores over one test take")
-    p.add_argument("--json", default=None, help="write the numbers here")
-    args = p.parse_args(None if argv is None else list(argv))
+    p.add_argument("--seed", type=cli.nonnegative_int, default=None, help="seed of --random (default 0)")
+    p.add_argument("--figure", default=None, type=png, help="PNG of zero-shot AU scores over one test take")
+    p.add_argument("--json", default=None, type=cli.output_file, help="write the numbers here")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    args = p.parse_args(argv)
+    if args.seed is not None and not args.random:
+        raise cli.UsageError(f"--seed only seeds --random (expected --random with --seed, got --seed {args.seed} "
+                             "without --random)")
     torch.set_num_threads(1)
     if args.random:
         import open_clip
 
         from facelayers.models.ssm.config import TINY_CLIP
 
-        torch.manual_seed(args.seed)
-        model, name = open_clip.CLIP(**TINY_CLIP).eval(), f"random tiny CLIP (seed {args.seed})"
+        seed = args.seed or 0
+        torch.manual_seed(seed)
+        model, name = open_clip.CLIP(**TINY_CLIP).eval(), f"random tiny CLIP (seed {seed})"
     else:
         from facelayers.assets import TINY_FACS_CLIP, load_compact_clip
+        from facelayers.io import check_finite_tensors, inspect_safetensors
 
         path = args.checkpoint or TINY_FACS_CLIP
+        if args.checkpoint:  # a one-line error naming the file for an empty / truncated / pickled / NaN file
+            inspect_safetensors(path)
+            check_finite_tensors(path)
         model = load_compact_clip(path)
         name = os.path.basename(str(path)) if args.checkpoint else "tiny FACS CLIP (shipped)"
     out = synthetic_zero_shot(model)
@@ -364,6 +380,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m facelayers.zeroshot [--checkpoint FILE | --random] [--figure PNG] [--json FILE]``:
+    zero-shot numbers of the shipped tiny FACS CLIP (default), a compact checkpoint, or a random
+    tiny CLIP on the synthetic benchmark's test data. Returns the numbers; a user error prints ONE
+    line ``error: ... (expected ..., got ...)`` on stderr and exits with status 2 (``--debug``: the
+    traceback)."""
+    import sys
+
+    from facelayers.assets import CompactCheckpointError
+    from facelayers.models import cli
+
+    result: dict[str, Any] = {}
+
+    def run(args_: list[str]) -> int:
+        result.update(_cli(args_))
+        return 0
+
+    rc = cli.run_main(run, list(sys.argv[1:] if argv is None else argv), extra_errors=(CompactCheckpointError,))
+    if rc:
+        raise SystemExit(rc)
+    return result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,21 @@ importable by name because benchmarks/ has a conftest too)."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI machine.
+
+    Autouse, module-scoped: a test module turns it on by importing it
+    (``from _testutils import one_thread  # noqa: F401``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def tiny_clip_kwargs(embed_dim: int = 32) -> dict:
     """Config of a tiny open_clip CLIP (random init, no download, real tokenizer vocabulary)."""
@@ -11,6 +26,33 @@ def tiny_clip_kwargs(embed_dim: int = 32) -> dict:
         vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32),
         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
     )
+
+
+def break_weights_file(path, kind: str, *, keep_fraction: int = 2) -> None:
+    """Overwrite a ``.safetensors`` file with a broken one (a loader must refuse it, never unpickle it).
+
+    ``kind``: ``"zero_bytes"`` (empty), ``"truncated"`` (its first ``1 / keep_fraction``),
+    ``"corrupt_header"`` (a header length pointing into garbage), ``"pickle"`` (a pickled dict),
+    ``"zip"`` (a ``torch.save`` archive) or ``"garbage"`` (a length prefix then non-JSON).
+    """
+    import pickle
+    from pathlib import Path
+
+    path = Path(path)
+    data = path.read_bytes()
+    if kind == "zip":
+        torch.save({"w": torch.zeros(2)}, str(path))
+        return
+    broken = {
+        "zero_bytes": lambda: b"",
+        "truncated": lambda: data[: len(data) // keep_fraction],
+        "corrupt_header": lambda: b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"{" * 32 + data[40:],
+        "pickle": lambda: pickle.dumps({"state_dict": {"w": [1, 2]}}),
+        "garbage": lambda: b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}",
+    }
+    if kind not in broken:
+        raise ValueError(f"kind is unknown (expected one of {sorted([*broken, 'zip'])}, got {kind!r})")
+    path.write_bytes(broken[kind]())
 
 
 def load_example(name: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutils import load_example
+from _testutils import break_weights_file, load_example
 
 from facelayers.models import ssm
 from facelayers.models.cli import UsageError
@@ -201,22 +201,14 @@ def test_predict_rejects_missing_inputs(capsys, tmp_path, checkpoint, frames_dir
 
 
 def _broken_checkpoint(src: Path, dst: Path, kind: str) -> Path:
-    import pickle
     import shutil
 
     shutil.copytree(src, dst)
     st, js = dst / "best.safetensors", dst / "best.json"
-    data = st.read_bytes()
-    if kind == "zero_bytes":
-        st.write_bytes(b"")
-    elif kind == "truncated":
-        st.write_bytes(data[: len(data) // 2])
-    elif kind == "corrupt_header":
-        st.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"{" * 32 + data[40:])
-    elif kind == "pickled":
-        st.write_bytes(pickle.dumps({"state_dict": {"w": [1, 2]}}))
-    elif kind == "broken_json":
+    if kind == "broken_json":
         js.write_text('{"config": {"mode": ')
+    else:
+        break_weights_file(st, "pickle" if kind == "pickled" else kind)
     return st if kind != "broken_json" else js
 
 

@@ -4,7 +4,6 @@ vocabularies, another frame count, non-finite weights and broken files, naming f
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from _testutils import break_weights_file
 
 from facelayers import facs
 from facelayers.io import CheckpointError, inspect_safetensors, load_module, read_json, save_module
@@ -130,17 +131,7 @@ def test_weights_of_another_architecture_are_refused(ckpt, tmp_path):
 @pytest.mark.parametrize("kind", ["zero_bytes", "truncated", "pickle", "zip", "garbage"])
 def test_broken_weights_files_are_refused(ckpt, kind):
     path = ckpt / "model.safetensors"
-    data = path.read_bytes()
-    if kind == "zero_bytes":
-        path.write_bytes(b"")
-    elif kind == "truncated":
-        path.write_bytes(data[: len(data) // 3])
-    elif kind == "pickle":
-        path.write_bytes(pickle.dumps({"state_dict": {}}))
-    elif kind == "zip":
-        torch.save({"w": torch.zeros(2)}, str(path))
-    else:
-        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    break_weights_file(path, kind, keep_fraction=3)
     with pytest.raises(CheckpointError) as err:
         ssm.load_model(str(ckpt))
     assert str(path) in str(err.value) and "expected" in str(err.value)

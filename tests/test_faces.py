@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import itertools
 import math
 import pathlib
 import sys
@@ -231,15 +232,11 @@ def test_smooth_over_time_properties(mask, sigma, seed):
     assert torch.isnan(out[~present]).all() and torch.isfinite(out[present]).all()
     # each present value is a convex combination of its own run's values
     f = 0
-    while f < n:
-        if not mask[f]:
-            f += 1
-            continue
-        e = f
-        while e < n and mask[e]:
-            e += 1
-        run, sm = v[f:e], out[f:e]
-        assert torch.all(sm >= run.amin(0) - 1e-9) and torch.all(sm <= run.amax(0) + 1e-9)
+    for is_present, group in itertools.groupby(mask):
+        e = f + len(list(group))
+        if is_present:
+            run, sm = v[f:e], out[f:e]
+            assert torch.all(sm >= run.amin(0) - 1e-9) and torch.all(sm <= run.amax(0) + 1e-9)
         f = e
     # a linear trend is kept exactly inside runs (symmetric kernel), away from run ends
     lin = torch.arange(n, dtype=torch.float64).unsqueeze(1)

@@ -107,6 +107,17 @@ def _run(fn, expert_idx, tensors, activation, grad_out):
     return out.detach(), dict(zip(GRAD_NAMES, grads))
 
 
+def _assert_bitwise_same(fn_a, fn_b, expert_idx, tensors, grad_out, out_msg: str, grad_msg: str) -> torch.Tensor:
+    """``fn_a`` and ``fn_b`` give bitwise-equal outputs and gradients (``grad_msg`` formats ``{name}``).
+    Returns ``fn_a``'s output."""
+    out_a, grads_a = _run(fn_a, expert_idx, tensors, "gelu", grad_out)
+    out_b, grads_b = _run(fn_b, expert_idx, tensors, "gelu", grad_out)
+    assert torch.equal(out_a, out_b), out_msg
+    for name in GRAD_NAMES:
+        assert torch.equal(grads_a[name], grads_b[name]), grad_msg.format(name=name)
+    return out_a
+
+
 def _check_close(name: str, got: torch.Tensor, same_dtype_ref: torch.Tensor, ref64: torch.Tensor,
                  dtype: torch.dtype, label: str) -> None:
     """Kernel error vs fp64 at most 2x PyTorch's own same-dtype error plus a small floor."""
@@ -215,11 +226,8 @@ def test_local_reference_agrees_with_library_reference():
 def test_triton_deterministic_cpu(poison_outputs):
     expert_idx, tensors = _make_inputs(37, 40, 72, 4, 2, "random", F32, seed=3)
     grad_out = torch.randn(37, 40, generator=torch.Generator().manual_seed(4))
-    out_a, grads_a = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
-    out_b, grads_b = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
-    assert torch.equal(out_a, out_b), "out differs between two identical runs"
-    for name in GRAD_NAMES:
-        assert torch.equal(grads_a[name], grads_b[name]), f"{name} differs between two identical runs"
+    _assert_bitwise_same(op.grouped_expert_mlp_triton, op.grouped_expert_mlp_triton, expert_idx, tensors, grad_out,
+                         "out differs between two identical runs", "{name} differs between two identical runs")
 
 
 def test_dispatch_backend_triton_cpu(poison_outputs):
@@ -231,11 +239,9 @@ def test_dispatch_backend_triton_cpu(poison_outputs):
     def via_dispatch(x, idx, w, w1, b1, w2, b2, act):
         return grouped_expert_mlp(x, idx, w, w1, b1, w2, b2, activation=act, backend="triton")
 
-    out_d, grads_d = _run(via_dispatch, expert_idx, tensors, "gelu", grad_out)
-    out_o, grads_o = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
-    assert torch.equal(out_d, out_o), "dispatch(backend='triton') output != op.grouped_expert_mlp_triton"
-    for name in GRAD_NAMES:
-        assert torch.equal(grads_d[name], grads_o[name]), f"dispatch {name} != op {name}"
+    _assert_bitwise_same(via_dispatch, op.grouped_expert_mlp_triton, expert_idx, tensors, grad_out,
+                         "dispatch(backend='triton') output != op.grouped_expert_mlp_triton",
+                         "dispatch {name} != op {name}")
 
 
 def test_gradcheck_fp64_cpu():
@@ -275,11 +281,8 @@ def test_torch_compile_fullgraph_cpu():
     expert_idx, tensors = _make_inputs(5, 33, 20, 3, 2, "random", F32, seed=9)
     grad_out = torch.randn(5, 33, generator=torch.Generator().manual_seed(10))
     compiled = torch.compile(op.grouped_expert_mlp_triton, fullgraph=True, backend="aot_eager")
-    out_c, grads_c = _run(compiled, expert_idx, tensors, "gelu", grad_out)
-    out_e, grads_e = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
-    assert torch.equal(out_c, out_e), "torch.compile output != eager output"
-    for name in GRAD_NAMES:
-        assert torch.equal(grads_c[name], grads_e[name]), f"torch.compile {name} != eager {name}"
+    _assert_bitwise_same(compiled, op.grouped_expert_mlp_triton, expert_idx, tensors, grad_out,
+                         "torch.compile output != eager output", "torch.compile {name} != eager {name}")
 
 
 def test_sort_by_expert_offsets_and_stability():
@@ -444,12 +447,10 @@ def test_triton_deterministic_gpu(cuda, routing):
     expert_idx, tensors = _make_inputs(s["n"], s["d"], s["h"], s["e"], s["k"], routing, torch.bfloat16, seed=14,
                                        device=cuda)
     grad_out = torch.randn(s["n"], s["d"], generator=torch.Generator().manual_seed(15)).to(cuda)
-    out_a, grads_a = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
-    out_b, grads_b = _run(op.grouped_expert_mlp_triton, expert_idx, tensors, "gelu", grad_out)
+    out_a = _assert_bitwise_same(op.grouped_expert_mlp_triton, op.grouped_expert_mlp_triton, expert_idx, tensors,
+                                 grad_out, f"{routing}: out differs between two identical runs",
+                                 f"{routing}: {{name}} differs between two identical runs")
     assert torch.isfinite(out_a).all(), "non-finite output"
-    assert torch.equal(out_a, out_b), f"{routing}: out differs between two identical runs"
-    for name in GRAD_NAMES:
-        assert torch.equal(grads_a[name], grads_b[name]), f"{routing}: {name} differs between two identical runs"
 
 
 @pytest.mark.requires_cuda

@@ -10,16 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _testutils import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 from facelayers.losses import au_loss, expression_loss, joint_loss
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -17,6 +17,8 @@ from sklearn import metrics as skm
 
 from metrics_ddp_worker import ddp_inputs, ddp_worker
 
+from _testutils import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 from facelayers.metrics import (
     AUMeter,
     ExpressionMeter,
@@ -28,15 +30,6 @@ from facelayers.metrics import (
     uar,
     war,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- data + references

@@ -22,6 +22,14 @@ DESCS = [
     "relaxed facial muscles, no significant action units",
 ]
 
+#: Hypothesis strategies of a prompt layout: context length, context position, per-class context, seed.
+PROMPT_LAYOUTS = dict(
+    n_ctx=st.integers(0, 4),
+    position=st.sampled_from(["end", "middle", "front"]),
+    class_specific=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+
 
 @pytest.fixture(scope="module")
 def clip_model():
@@ -299,12 +307,7 @@ def test_cache_can_be_disabled(tower, monkeypatch):
     assert len(calls) == 2 and out.requires_grad
 
 
-@given(
-    n_ctx=st.integers(0, 4),
-    position=st.sampled_from(["end", "middle", "front"]),
-    class_specific=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**PROMPT_LAYOUTS)
 def test_prompt_layout_property(tower, n_ctx, position, class_specific, seed):
     """Non-context positions hold the description's token embeddings in order; context slots the ctx."""
     gen = torch.Generator().manual_seed(seed)
@@ -431,12 +434,7 @@ def _release_assembly(prefix, ctx, suffix, name_lens, position):
 
 
 @settings(max_examples=8, deadline=None)
-@given(
-    n_ctx=st.integers(0, 4),
-    position=st.sampled_from(["end", "middle", "front"]),
-    class_specific=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**PROMPT_LAYOUTS)
 def test_stored_learner_equals_token_learner_and_release_layout(tower, n_ctx, position, class_specific, seed):
     """Stored-embedding prompts == token-id prompts (features and ctx gradients), layout == the release's."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _testutils import load_example
+from _testutils import load_example, one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from facelayers import facs
 from facelayers import io as fio
@@ -33,17 +33,8 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def quick_run(_single_thread, tmp_path_factory):
+def quick_run(one_thread, tmp_path_factory):
     """One in-process `--quick` run shared by the tests below (the smoke test of the CLI)."""
     out = tmp_path_factory.mktemp("quick") / "run"
     rc = R.main(["--quick", "--out", str(out), "--no-progress", "--seed", "0"])
@@ -175,13 +166,19 @@ def test_torchrun_ddp_replicas_identical_with_empty_expert(tmp_path):
     assert "expression UAR" in proc.stdout
 
 
-def test_grad_checkpoint_matches_plain_with_mixed_routing():
-    """Activation checkpointing recomputes the MoE blocks in backward under the same task routing."""
+
+def _plain_and_checkpointed() -> tuple["B.SSMModel", "B.SSMModel"]:
+    """A tiny SSM (every block MoE) and the same weights with activation checkpointing on."""
     cfg = B.ModelConfig(mode="ssm", num_frames=3, moe_blocks="all", temporal_heads=2)
     torch.manual_seed(0)
     plain = B.build_model(cfg)
     ck = B.build_model(B.ModelConfig.from_json({**cfg.to_json(), "grad_checkpoint": True}))
     ck.load_state_dict(plain.state_dict())
+    return plain, ck
+
+def test_grad_checkpoint_matches_plain_with_mixed_routing():
+    """Activation checkpointing recomputes the MoE blocks in backward under the same task routing."""
+    plain, ck = _plain_and_checkpointed()
     g = torch.Generator().manual_seed(2)
     e, a = torch.randn(2, 3, 3, 32, 32, generator=g), torch.randn(2, 3, 3, 32, 32, generator=g)
     grads = []
@@ -365,11 +362,7 @@ def test_grad_checkpoint_training_step_per_task_encoding(path):
     """Per-task encoding (``encode_task_frames``, two vision passes) with activation checkpointing: the
     checkpointed blocks recompute in backward under the routing of the pass that ran them (the routing
     context has closed by then), so the gradients equal those without checkpointing."""
-    cfg = B.ModelConfig(mode="ssm", num_frames=3, moe_blocks="all", temporal_heads=2)
-    torch.manual_seed(0)
-    plain = B.build_model(cfg)
-    ck = B.build_model(B.ModelConfig.from_json({**cfg.to_json(), "grad_checkpoint": True}))
-    ck.load_state_dict(plain.state_dict())
+    plain, ck = _plain_and_checkpointed()
     g = torch.Generator().manual_seed(3)
     e, a = torch.randn(2, 3, 3, 32, 32, generator=g), torch.randn(3, 3, 3, 32, 32, generator=g)
     fwd = {} if path == "encode_task_frames" else {"vision_passes": 2 if path == "forward_two_passes" else 1}

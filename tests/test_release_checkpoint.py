@@ -370,6 +370,9 @@ def test_cli_argument_and_pair_errors(capsys, tmp_path):
     _one_line_error(*_convert(capsys, str(FIXTURE), "--au-dataset", "bp4d", "--exp-dataset", "dfew", "--out", out,
                               "--dispatch", "smart"), "expected one of release, fixed, got 'smart'")
     _one_line_error(*_convert(capsys, str(FIXTURE), "--au-dataset", "bp4d", "--out", out), "--exp-dataset")
+    for bad in ("", "a/b", "../x", ".hidden", "-x", "x."):
+        _one_line_error(*_convert(capsys, str(FIXTURE), "--au-dataset", "bp4d", "--exp-dataset", "dfew", "--out", out,
+                                  f"--name={bad}"), "--name", "expected a plain file stem", repr(bad))
     _one_line_error(*_convert(capsys, str(FIXTURE), "--au-dataset", "disfa", "--exp-dataset", "dfew", "--out", out),
                     "(expected --au-dataset bp4d, got disfa)")
     _one_line_error(*_convert(capsys, str(FIXTURE), "--au-dataset", "bp4d", "--exp-dataset", "mafw", "--out", out),

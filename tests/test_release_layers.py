@@ -18,6 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
+from _testutils import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 from facelayers import facs
 from facelayers.heads import AUPairSmoothing, LinearCosineHead
 from facelayers.prior_mapping import (
@@ -37,14 +39,6 @@ from facelayers.temporal import (
 )
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _x(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:

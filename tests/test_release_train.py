@@ -651,6 +651,24 @@ def test_script_recipe_ssm_release_quick_records_every_option(tmp_path):
 
     assert is_release_checkpoint(out / "checkpoint", "best")
     assert load_release_model(out / "checkpoint", "best").release.num_frames == 4
+    # the release's data choices are in force and recorded (no longer under not_reproduced)
+    from facelayers.data import CLIP_MEAN, CLIP_STD
+
+    data = rec["data"]
+    assert (data["au_train_windows"], data["exp_sampling"], data["random_erasing_p"]) == ("full", "release", 0.0)
+    assert data["normalisation"] == {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    assert data["exp_sampling_applies"] is False  # synthetic clips are rendered with exactly T frames
+    assert not any("data choices" in x or "tuned" in x for x in rec["not_reproduced"])
+    assert m["args"]["au_train_windows"] == "full" and m["args"]["erase_p"] == 0.0
+    # the release's tuned AU F1 beside F1@0.5, under its own name, marked optimistic
+    au = m["test"]["au"]
+    tuned = au["au_f1_tuned_release"]
+    assert 0.0 <= au["f1_mean"] <= 1.0 and tuned["name"] == "au_f1_tuned_release (optimistic)"
+    assert tuned["optimistic"] is True and 0.0 <= tuned["mean"] <= 1.0
+    assert tuned["frames"] == au["n"] and set(tuned["per_au"]) == set(au["f1_per_au"])
+    assert rec["tuned_au_f1"] == "on"
+    summary = (out / "summary.txt").read_text()
+    assert "AU F1@0.5 (mean)" in summary and "au_f1_tuned_release (optimistic)" in summary
 
 
 def test_script_pieces_alone_and_select_on_test_marked_optimistic(tmp_path):
@@ -695,3 +713,35 @@ def test_script_pieces_resume_with_ema_and_mixup_state(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     assert (out / "checkpoint" / "ema.safetensors").read_bytes() != ema_1, "the EMA kept training after the resume"
+
+
+def test_script_data_choices_and_tuned_f1_on_their_own(tmp_path):
+    """The release's AU windows and tuned AU F1 with the paper recipe and centre-frame supervision
+    (the per-window output path of the frame table)."""
+    R = _script()
+    out = tmp_path / "data"
+    assert R.main(["--quick", "--out", str(out), "--no-progress", "--no-plots", "--au-train-windows", "full",
+                   "--tuned-au-f1", "on"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["recipe"] == "paper" and rec["au_select"] == "center" and rec["data"]["au_train_windows"] == "full"
+    assert rec["data"]["exp_sampling"] == "segments" and rec["tuned_au_f1"] == "on"
+    tuned = m["test"]["au"]["au_f1_tuned_release"]
+    assert tuned["optimistic"] is True and tuned["frames"] == m["test"]["au"]["n"]
+    assert "f1_mean" in m["test"]["au"]
+    assert "au_f1_tuned_release (optimistic)" in (out / "summary.txt").read_text()
+
+
+def test_script_data_choice_usage_errors(tmp_path, capsys):
+    R = _script()
+    base = ["--quick", "--no-progress", "--no-plots", "--out", str(tmp_path / "x")]
+    cases = [(["--erase-p", "0"], "--erase-p"),
+             (["--exp-sampling", "release"], "--exp-sampling"),
+             (["--data", "real", "--erase-p", "1.5"], "--erase-p"),
+             (["--au-train-windows", "tails"], "--au-train-windows"),
+             (["--mode", "stl", "--task", "exp", "--tuned-au-f1", "on"], "--tuned-au-f1")]
+    for extra, needle in cases:
+        assert R.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and ("expected" in err or "invalid choice" in err), (extra, err)
+

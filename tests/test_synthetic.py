@@ -23,6 +23,7 @@ from facelayers.data.synthetic import (
     sample_identities,
 )
 from facelayers.data.synthetic.figure import sample_grid
+from facelayers.data.synthetic.render import render_au_apexes
 
 torch.set_num_threads(1)  # the renderer is single-threaded anyway; keeps the tests stable on busy CPUs
 
@@ -33,13 +34,7 @@ TINY_EXP = dict(num_clips=5 * 7, num_frames=4, image_size=16, num_folds=5, class
 def _apex_deltas(image_size: int = 32, identities: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(neutral [I, 3, S, S], deltas [I, A, 3, S, S])``: each AU at intensity 1 minus neutral."""
     ids = sample_identities(identities, generator=torch.Generator().manual_seed(seed))
-    A = len(RENDERED_AUS)
-    au = torch.cat([torch.zeros(1, A), torch.eye(A)])
-    out = []
-    for i in range(identities):
-        idn = {k: v[i : i + 1].expand(A + 1, *v.shape[1:]) for k, v in ids.items()}
-        out.append(render_faces(idn, au, image_size=image_size))
-    imgs = torch.stack(out)
+    imgs = render_au_apexes(ids, image_size=image_size)
     return imgs[:, 0], imgs[:, 1:] - imgs[:, :1]
 
 

@@ -53,6 +53,14 @@ def uar(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
     return sum(rec) / len(rec)
 
 
+def _step(opt, sched, loss: torch.Tensor) -> None:
+    """One optimiser + one-cycle scheduler step on ``loss``."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def _train_au(x, y, x_test, y_test, epochs: int, seed: int) -> float:
     torch.manual_seed(seed)
     m = tiny_cnn(y.shape[1], pool=4)
@@ -66,11 +74,7 @@ def _train_au(x, y, x_test, y_test, epochs: int, seed: int) -> float:
         perm = torch.randperm(len(x))
         for b in range(0, len(x), 64):
             i = perm[b : b + 64]
-            loss = F.binary_cross_entropy_with_logits(m(x[i].float() / 255), y[i], pos_weight=pw)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            _step(opt, sched, F.binary_cross_entropy_with_logits(m(x[i].float() / 255), y[i], pos_weight=pw))
     m.eval()
     with torch.no_grad():
         pred = (m(x_test.float() / 255) > 0).float()
@@ -99,11 +103,7 @@ def _train_exp(frames, y, frames_test, y_test, k: int, epochs: int, seed: int) -
             x = frames[i, t_pick[i]].float() / 255
             flip = torch.rand(len(i)) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(m(x), y[i], weight=w)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            _step(opt, sched, F.cross_entropy(m(x), y[i], weight=w))
     m.eval()
     with torch.no_grad():
         B, T = frames_test.shape[:2]

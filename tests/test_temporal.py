@@ -7,17 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _testutils import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 from facelayers.temporal import ClipTemporalHead, FrameTemporalHead, TemporalTransformer
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}

@@ -39,10 +39,12 @@ __all__ = [
     "AUWindow",
     "ExpressionClipDataset",
     "FrameCountMismatchError",
+    "FrameSampler",
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "au_windows",
     "decode_video_frames",
+    "full_windows",
     "list_frame_files",
     "load_frame",
     "natural_sort_key",
@@ -51,6 +53,7 @@ __all__ = [
     "segment_indices",
     "split_runs",
     "video_frame_count",
+    "WindowPlanner",
 ]
 
 #: File endings treated as frames inside an expression clip folder (case-insensitive).
@@ -667,6 +670,59 @@ def _plan_run(
             return out
 
 
+#: ``planner(run_length, num_frames, stride) -> [(anchor, max_shift), ...]``: the windows of one run
+#: when an :class:`AUClipDataset` is given a ``planner`` (e.g. :func:`full_windows`). Slot ``j`` of
+#: a window reads run position ``anchor + j``; training shifts the anchor by ``0 .. max_shift``.
+WindowPlanner = Callable[[int, int, int], "list[tuple[int, int]]"]
+
+
+def full_windows(run_length: int, num_frames: int, stride: int) -> list[tuple[int, int]]:
+    """Windows of ``T`` real frames only: starts ``0, stride, 2*stride, ... <= L - T``, no shift.
+
+    The released SSM code's AU *training* clips (``ssm/data/bp4d.py`` and ``ssm/data/disfa.py``
+    with ``complete_evaluation=False``; stride 16 = ``T`` there): runs shorter than ``T`` give no
+    window and the tail of a run that does not fill a window is never read, so every slot is a
+    real frame (``mask`` all True) and no window is shifted. A :data:`WindowPlanner` for
+    :class:`AUClipDataset` (``planner=full_windows``); the release evaluates every frame with
+    other windows (here: ``eval_cover`` or the default planning with ``stride = T``).
+
+    Args:
+        run_length: ``L >= 1`` frames in the run.
+        num_frames: ``T >= 1``.
+        stride: Step between window starts (``>= 1``).
+
+    Returns:
+        ``[(anchor, 0), ...]`` (empty when ``L < T``).
+
+    Examples::
+
+        >>> full_windows(40, 16, 16)
+        [(0, 0), (16, 0)]
+        >>> full_windows(15, 16, 16)
+        []
+    """
+    if isinstance(run_length, bool) or not isinstance(run_length, int) or run_length < 1:
+        raise ValueError(f"run_length must be a positive int, got {run_length!r}")
+    _check_num_frames(num_frames)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    return [(a, 0) for a in range(0, run_length - num_frames + 1, stride)]
+
+
+def _plan(
+    run_length: int, num_frames: int, label_mode: str, stride: int, eval_cover: bool, planner: WindowPlanner | None
+) -> list[tuple[int, int]]:
+    """The windows of one run: the ``planner``'s when given, else the built-in rule (:func:`_plan_run`)."""
+    if planner is None:
+        return _plan_run(run_length, num_frames, label_mode, stride, eval_cover)
+    plan = [(int(a), int(j)) for a, j in planner(run_length, num_frames, stride)]
+    bad = [(a, j) for a, j in plan if j < 0]
+    if bad:
+        raise ValueError(f"planner {getattr(planner, '__name__', planner)!r} returned negative shifts {bad[:3]} "
+                         f"(expected (anchor, max_shift >= 0) pairs)")
+    return plan
+
+
 @dataclass(frozen=True)
 class AUWindow:
     """One planned window: the frames its ``T`` slots read and which of them are real.
@@ -695,24 +751,33 @@ def au_windows(
     label_mode: Literal["center", "all"] = "center",
     stride: int | None = None,
     eval_cover: bool = False,
+    planner: WindowPlanner | None = None,
 ) -> list[AUWindow]:
-    """Plan the (evaluation-mode) windows of one sequence; the rule :class:`AUClipDataset` uses.
+    """Plan the (evaluation-mode, unshifted) windows of one sequence; the rule :class:`AUClipDataset` uses.
 
     Args:
         frame_indices: Labelled frame numbers of one sequence (any order, no duplicates).
         num_frames: ``T``.
-        label_mode, stride, eval_cover: As in :class:`AUClipDataset`.
+        label_mode, stride, eval_cover, planner: As in :class:`AUClipDataset`.
     """
     _check_num_frames(num_frames)
     stride = num_frames if stride is None else stride
     _check_au_args(label_mode, stride)
+    _check_planner(planner, eval_cover)
     out = []
     for run in split_runs(sorted(frame_indices)):
-        for anchor, _ in _plan_run(len(run), num_frames, label_mode, stride, eval_cover):
+        for anchor, _ in _plan(len(run), num_frames, label_mode, stride, eval_cover, planner):
             pos, mask = _realise(run, anchor, num_frames)
             frames = tuple(run[p] for p in pos)
             out.append(AUWindow(frames, tuple(mask), frames[num_frames // 2]))
     return out
+
+
+def _check_planner(planner: WindowPlanner | None, eval_cover: bool) -> None:
+    if planner is not None and not callable(planner):
+        raise TypeError(f"planner must be callable as planner(run_length, num_frames, stride), got {type(planner).__name__}")
+    if planner is not None and eval_cover:
+        raise ValueError("planner and eval_cover both choose the windows (expected one of them, got both)")
 
 
 def _check_au_args(label_mode: str, stride: int) -> None:
@@ -748,6 +813,9 @@ class AUClipDataset(Dataset):
       ``p - c`` for every ``p``), so each frame is the centre slot exactly once.
     * ``train=True`` shifts each window by a uniform ``0 .. stride-1`` (one draw per item), never
       past the run end, so every frame can be seen in every slot across epochs.
+    * ``planner`` (a :data:`WindowPlanner`) replaces the rules above, e.g. :func:`full_windows`:
+      the released SSM code's training windows (only whole ``T``-frame windows, runs shorter
+      than ``T`` and run tails dropped, no shift), in either label mode.
 
     Args:
         records: :class:`AURecord` list (e.g. from :func:`read_manifest`).
@@ -760,9 +828,12 @@ class AUClipDataset(Dataset):
         eval_cover: One window per labelled frame (as centre).
         seed: As in :class:`ExpressionClipDataset`.
         fast_decode, draft: As in :class:`ExpressionClipDataset`.
+        planner: Plans the windows of each run (``planner(run_length, T, stride)`` ->
+            ``[(anchor, max_shift), ...]``) instead of the built-in rules; not with ``eval_cover``.
 
     Raises:
-        ValueError: duplicate ``(sequence, frame_index)``, labels of different lengths, bad args.
+        ValueError: duplicate ``(sequence, frame_index)``, labels of different lengths, bad args,
+            a ``planner`` that leaves no window.
     """
 
     def __init__(
@@ -779,10 +850,12 @@ class AUClipDataset(Dataset):
         seed: int | None = None,
         fast_decode: bool = True,
         draft: bool = True,
+        planner: WindowPlanner | None = None,
     ) -> None:
         _check_num_frames(num_frames)
         stride = num_frames if stride is None else stride
         _check_au_args(label_mode, stride)
+        _check_planner(planner, eval_cover)
         records = list(records)
         if not records:
             raise ValueError("AUClipDataset needs at least one record, got none")
@@ -807,6 +880,7 @@ class AUClipDataset(Dataset):
         self.seed = seed
         self.fast_decode = bool(fast_decode)
         self.draft = bool(draft)
+        self.planner = planner
         self.epoch = 0
         self.num_labels = int(m or 0)
         # runs: lists of records with consecutive frame numbers; windows: (run id, anchor, jitter)
@@ -821,8 +895,13 @@ class AUClipDataset(Dataset):
             for run in split_runs([r.frame_index for r in recs]):
                 rid = len(self.runs)
                 self.runs.append([by_index[f] for f in run])
-                for anchor, jitter in _plan_run(len(run), num_frames, label_mode, stride, eval_cover):
+                for anchor, jitter in _plan(len(run), num_frames, label_mode, stride, eval_cover, planner):
                     self._windows.append((rid, anchor, 0 if eval_cover else jitter))
+        if not self._windows:
+            longest = max(len(r) for r in self.runs)
+            raise ValueError(f"planner {getattr(planner, '__name__', planner)!r} planned no window over {len(self.runs)} "
+                             f"runs (expected at least one run long enough, got runs of at most {longest} frames "
+                             f"for T={num_frames})")
 
     @classmethod
     def from_manifest(cls, manifest: PathLike, format: str, root: PathLike, **kwargs: Any) -> AUClipDataset:
@@ -878,5 +957,6 @@ class AUClipDataset(Dataset):
         return (
             f"AUClipDataset(windows={len(self)}, frames={len(self.records)}, runs={len(self.runs)}, "
             f"num_frames={self.num_frames}, label_mode={self.label_mode!r}, stride={self.stride}, "
-            f"train={self.train}, eval_cover={self.eval_cover}, fast_decode={self.fast_decode})"
+            f"train={self.train}, eval_cover={self.eval_cover}, fast_decode={self.fast_decode}"
+            + (f", planner={getattr(self.planner, '__name__', type(self.planner).__name__)})" if self.planner else ")")
         )

@@ -187,13 +187,7 @@ class HeterogeneousLoader:
     """
 
     def __init__(
-        self,
-        exp_loader: Any,
-        au_loader: Any,
-        *,
-        exp_fraction: float = 1.0,
-        au_fraction: float = 1.0,
-        seed: int = 0,
+        self, exp_loader: Any, au_loader: Any, *, exp_fraction: float = 1.0, au_fraction: float = 1.0, seed: int = 0
     ) -> None:
         self.exp_fraction = _check_fraction(exp_fraction, "exp_fraction")
         self.au_fraction = _check_fraction(au_fraction, "au_fraction")

@@ -195,7 +195,7 @@ def get_format(format: str) -> ManifestFormat:
         KeyError: for an unknown name; the message lists the valid ones.
     """
     if not isinstance(format, str):
-        raise TypeError(f"format must be a str, one of {sorted(FORMATS)}; got {type(format).__name__}")
+        raise TypeError(f"format must be a str (expected one of {sorted(FORMATS)}, got {type(format).__name__})")
     key = format.lower()
     if key not in FORMATS:
         raise KeyError(f"unknown manifest format {format!r}; expected one of {sorted(FORMATS)}")
@@ -243,7 +243,7 @@ def _check_relative_path(path: str) -> str | None:
     if not path:
         return "path must not be empty"
     if "\x00" in path:
-        return f"path must not contain a NUL character, got {path!r}"
+        return f"path must not contain a NUL character (expected a text path, got {path!r})"
     norm = path.replace("\\", "/")
     if norm.startswith("/") or _WINDOWS_DRIVE.match(norm):
         return f"path must be relative to the dataset root (expected e.g. 'clip/frame.jpg', got absolute path {path!r})"
@@ -316,7 +316,7 @@ def parse_subject(sequence: str, format: str) -> str:
     """
     fmt = get_format(format)
     if fmt.name not in _SUBJECT_PARSERS:
-        raise TypeError(f"subjects are defined for the AU formats {sorted(_SUBJECT_PARSERS)}, got {format!r}")
+        raise TypeError(f"subjects are parsed for AU formats only (expected one of the AU formats {sorted(_SUBJECT_PARSERS)}, got {format!r})")
     if not isinstance(sequence, str):
         raise TypeError(f"sequence must be a str (expected e.g. '2F07_01'), got {type(sequence).__name__}")
     return _SUBJECT_PARSERS[fmt.name](sequence)
@@ -408,11 +408,11 @@ def _parse_expression_line(text: str, fmt: ManifestFormat) -> ExpressionRecord:
     num_frames = _parse_int(n_tok, "num_frames")
     label = _parse_int(label_tok, "label")
     if num_frames < 1:
-        raise _LineError("malformed_line", f"num_frames must be >= 1, got {num_frames}")
+        raise _LineError("malformed_line", f"num_frames must be >= 1 (expected a frame count >= 1, got {num_frames})")
     assert fmt.num_classes is not None
     if not 0 <= label < fmt.num_classes:
         raise _LineError(
-            "label_out_of_range", f"label must be in [0, {fmt.num_classes - 1}] for {fmt.name}, got {label}"
+            "label_out_of_range", f"label must be in [0, {fmt.num_classes - 1}] for {fmt.name} (expected 0..{fmt.num_classes - 1}, got {label})"
         )
     return ExpressionRecord(path=path, num_frames=num_frames, label=label)
 
@@ -439,7 +439,7 @@ def _parse_bp4d_line(text: str, fmt: ManifestFormat) -> AURecord:
     bad = [(au, v) for au, v in zip(fmt.aus, labels) if v not in (0, 1)]
     if bad:
         desc = ", ".join(f"AU{au}={v}" for au, v in bad)
-        raise _LineError("label_out_of_range", f"AU labels must be 0 or 1, got {desc}")
+        raise _LineError("label_out_of_range", f"AU labels must be 0 or 1 (expected 0 or 1, got {desc})")
     subject = _au_subject(sequence, fmt)
     return AURecord(path=path, sequence=sequence, frame_index=frame_index, labels=labels, subject=subject)
 
@@ -457,7 +457,7 @@ def _parse_disfa_line(text: str, fmt: ManifestFormat) -> AURecord:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
-        raise _LineError("malformed_line", f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise _LineError("malformed_line", f"invalid JSON (expected one JSON object per line, got: {e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise _LineError("malformed_line", f"expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("img_path", "AUs") if k not in obj]
@@ -465,9 +465,9 @@ def _parse_disfa_line(text: str, fmt: ManifestFormat) -> AURecord:
         raise _LineError("malformed_line", f"missing key(s) {missing}; expected 'img_path' and 'AUs'")
     path, ids = obj["img_path"], obj["AUs"]
     if not isinstance(path, str):
-        raise _LineError("malformed_line", f"'img_path' must be a string, got {type(path).__name__}")
+        raise _LineError("malformed_line", f"'img_path' must be a string (expected str, got {type(path).__name__})")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise _LineError("malformed_line", f"'AUs' must be a list of integers, got {ids!r}")
+        raise _LineError("malformed_line", f"'AUs' must be a list of integers (expected e.g. [1, 999, ...], got {ids!r})")
     _check_path(path)
     try:
         sequence, frame_index = _split_au_path(path)
@@ -478,7 +478,7 @@ def _parse_disfa_line(text: str, fmt: ManifestFormat) -> AURecord:
     if unknown:
         raise _LineError(
             "label_out_of_range",
-            f"AU id(s) {unknown} not in the {fmt.name} vocabulary {list(fmt.aus)} (padding is {DISFA_PADDING})",
+            f"AU id(s) {unknown} not in the {fmt.name} vocabulary (expected ids from {list(fmt.aus)} or the padding {DISFA_PADDING}, got {unknown})",
         )
     dups = sorted({i for i in active if active.count(i) > 1})
     if dups:
@@ -670,33 +670,33 @@ def _format_record(rec: Record, fmt: ManifestFormat, i: int) -> str:
     where = f"record {i}"
     if fmt.kind == "expression":
         if not isinstance(rec, ExpressionRecord):
-            raise TypeError(f"{where}: format {fmt.name!r} needs ExpressionRecord, got {type(rec).__name__}")
+            raise TypeError(f"{where}: wrong record type for format {fmt.name!r} (expected ExpressionRecord, got {type(rec).__name__})")
         if not isinstance(rec.path, str) or not rec.path or any(c.isspace() for c in rec.path):
-            raise ValueError(f"{where}: path must be non-empty without whitespace, got {rec.path!r}")
+            raise ValueError(f"{where}: bad path (expected a non-empty path without whitespace, got {rec.path!r})")
         reason = _check_relative_path(rec.path)
         if reason is not None:
             raise ValueError(f"{where}: {reason}")
         num_frames = _check_int(rec.num_frames, "num_frames", where)
         label = _check_int(rec.label, "label", where)
         if num_frames < 1:
-            raise ValueError(f"{where}: num_frames must be >= 1, got {num_frames}")
+            raise ValueError(f"{where}: num_frames must be >= 1 (expected a frame count >= 1, got {num_frames})")
         assert fmt.num_classes is not None
         if not 0 <= label < fmt.num_classes:
-            raise ValueError(f"{where}: label must be in [0, {fmt.num_classes - 1}] for {fmt.name}, got {label}")
+            raise ValueError(f"{where}: label must be in [0, {fmt.num_classes - 1}] for {fmt.name} (expected 0..{fmt.num_classes - 1}, got {label})")
         return f"{rec.path} {num_frames} {label}"
 
     if not isinstance(rec, AURecord):
-        raise TypeError(f"{where}: format {fmt.name!r} needs AURecord, got {type(rec).__name__}")
+        raise TypeError(f"{where}: wrong record type for format {fmt.name!r} (expected AURecord, got {type(rec).__name__})")
     assert fmt.aus is not None
     if len(rec.labels) != len(fmt.aus):
         raise ValueError(f"{where}: expected {len(fmt.aus)} labels for {fmt.name} {list(fmt.aus)}, got {len(rec.labels)}")
     labels = [_check_int(v, "each AU label", where) for v in rec.labels]
     if any(v not in (0, 1) for v in labels):
-        raise ValueError(f"{where}: AU labels must be 0 or 1, got {tuple(rec.labels)}")
+        raise ValueError(f"{where}: AU labels must be 0 or 1 (expected 0 or 1, got {tuple(rec.labels)})")
     if not isinstance(rec.path, str):
-        raise TypeError(f"{where}: path must be a str, got {type(rec.path).__name__}")
+        raise TypeError(f"{where}: path must be a str (expected str, got {type(rec.path).__name__})")
     if fmt.name == "bp4d" and (not rec.path or any(c.isspace() for c in rec.path)):
-        raise ValueError(f"{where}: path must be non-empty without whitespace, got {rec.path!r}")
+        raise ValueError(f"{where}: bad path (expected a non-empty path without whitespace, got {rec.path!r})")
     reason = _check_relative_path(rec.path)
     if reason is not None:
         raise ValueError(f"{where}: {reason}")

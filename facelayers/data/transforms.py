@@ -20,7 +20,9 @@ Two ways to run a transform (same random draws, same generator consumption):
 * ``transform(clip, generator)`` on a float clip: the **reference** path (every op in float at the
   frame's full size), kept as the specification the fast path is tested against.
 * ``transform.apply_to_frames(frames, generator)`` on encoded frames (image files or uint8
-  ``[3, H, W]`` tensors, e.g. decoded video frames): the **fast** path. The leading geometric
+  ``[3, H, W]`` tensors, e.g. decoded video frames): the **fast** path. Plain RGB JPEG files are
+  decoded by PIL's JPEG decoder called directly (same pixels as :func:`load_frame`, without
+  ``Image.open``'s header parsing or a copy out of PIL). The leading geometric
   transforms (random resized crop, resize, centre crop, flips) run on uint8 frames, JPEG files much
   larger than the crop are decoded at reduced scale (libjpeg DCT scaling through PIL's
   ``Image.draft``, with the crop box mapped into the reduced grid), and the frames are converted to
@@ -631,14 +633,21 @@ def _jpeg_frame_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _lean_jpeg_available() -> bool:
+@functools.lru_cache(maxsize=None)
+def _pil_image() -> Any:
+    """``PIL.Image``, imported on first use (per-frame code calls this instead of importing)."""
     from PIL import Image
 
+    return Image
+
+
+def _lean_jpeg_available() -> bool:
+    Image = _pil_image()
     return all(hasattr(Image.core, name) for name in ("map_buffer", "jpeg_decoder")) and hasattr(Image, "_getdecoder")
 
 
 class _Source:
-    """One unique frame source: size read on construction, decoded by ``rgbx_into`` / ``hwc`` / ``draft_hwc``.
+    """One unique frame source: size read on construction, decoded by ``rgbx`` / ``hwc`` / ``draft_hwc``.
 
     A plain 8-bit three-component JPEG file is decoded by PIL's own JPEG decoder, called directly
     with the arguments ``Image.open(...).load()`` would give it, straight into the caller's buffer
@@ -681,9 +690,7 @@ class _Source:
 
     @staticmethod
     def _pixels_ok(head: tuple[int, int, int]) -> bool:
-        from PIL import Image
-
-        limit = Image.MAX_IMAGE_PIXELS
+        limit = _pil_image().MAX_IMAGE_PIXELS
         return limit is None or head[0] * head[1] <= limit  # larger: Image.open warns / raises
 
     def _open(self, from_data: bool = False) -> None:
@@ -707,8 +714,7 @@ class _Source:
 
     def _decode_into(self, out: Any) -> bool:
         """Direct JPEG decode into ``out`` (C-contiguous uint8 ``[H, W, 4]``, RGBX); False if not done."""
-        from PIL import Image
-
+        Image = _pil_image()
         H, W = self.size
         try:
             target = Image.core.map_buffer(out, (W, H), "raw", 0, ("RGBX", 0, 1))
@@ -726,8 +732,6 @@ class _Source:
     def rgbx(self, buffer: Any) -> Any:
         """The full-size frame as uint8 ``[H, W, 4]`` (RGB + a padding channel), decoded by PIL as
         :func:`load_frame` does; ``buffer`` (C-contiguous uint8 ``[H, W, 4]``) may receive it."""
-        import numpy as np
-
         if self.tensor is not None:
             buffer[..., :3] = self.tensor.permute(1, 2, 0).numpy()
             buffer[..., 3] = 0
@@ -736,6 +740,8 @@ class _Source:
             if self._decode_into(buffer):
                 return buffer
             self._open()  # not decoded directly: PIL's own path (and its errors)
+        import numpy as np
+
         rgb = self._rgb()
         return np.frombuffer(rgb.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(rgb.height, rgb.width, 4)
 

@@ -196,6 +196,10 @@ def validate_manifest(
     """
     fmt = get_format(format)
     name = os.fspath(manifest)
+    if root is not None and not os.path.isdir(root):
+        what = "a file" if os.path.exists(root) else "no such folder"
+        raise NotADirectoryError(f"dataset root {os.fspath(root)!r} is not a folder (expected the folder the "
+                                 f"manifest paths are relative to, got {what})")
     report = ValidationReport(manifest=name, format=fmt.name, root=None if root is None else os.fspath(root))
     root_path = None if root is None else Path(root)
     seen: dict[tuple, tuple[int, AURecord | ExpressionRecord]] = {}
@@ -256,25 +260,32 @@ def validate_manifest(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m facelayers.data MANIFEST FORMAT [ROOT]``; exit status 1 when issues are
-    found, 2 for a usage error or a manifest that cannot be opened (one ``error:`` line, no traceback)."""
-    import argparse
+    found, 2 for a usage error or a manifest that cannot be opened (one ``error:`` line, no traceback;
+    ``--debug`` shows it)."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m facelayers.data", description=main.__doc__)
-    parser.add_argument("manifest")
-    parser.add_argument("format", choices=sorted(FORMATS))
-    parser.add_argument("root", nargs="?", default=None, help="dataset root (omit to check only the lines)")
-    parser.add_argument("--max-issues", type=int, default=50, help="issues printed (default 50)")
-    args = parser.parse_args(argv)
-    if args.max_issues < 0:
-        parser.error(f"--max-issues must be >= 0, got {args.max_issues}")
-    if args.root is not None and not os.path.isdir(args.root):
-        print(f"error: ROOT {args.root!r} is not a folder (expected the dataset root)", file=sys.stderr)
-        return 2
-    try:
-        report = validate_manifest(args.manifest, args.format, args.root)
-    except OSError as e:
-        print(f"error: cannot read manifest {args.manifest!r} ({e.strerror or e})", file=sys.stderr)
-        return 2
-    print(report.summary(max_issues=args.max_issues))
-    return 0 if report.ok else 1
+    from facelayers.models import cli
+
+    def _main(args_: list[str]) -> int:
+        parser = cli.ScriptArgumentParser(prog="python -m facelayers.data", description=main.__doc__)
+        parser.add_argument("manifest")
+        parser.add_argument("format", choices=sorted(FORMATS))
+        parser.add_argument("root", nargs="?", default=None, help="dataset root (omit to check only the lines)")
+        parser.add_argument("--max-issues", type=cli.nonnegative_int, default=50, help="issues printed (default 50)")
+        parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+        args = parser.parse_args(args_)
+        if not os.path.isfile(args.manifest):
+            what = "a folder" if os.path.isdir(args.manifest) else "no such file"
+            raise cli.UsageError(f"cannot read manifest {args.manifest!r} (expected a manifest file, got {what})")
+        if args.root is not None and not os.path.isdir(args.root):
+            what = "a file" if os.path.exists(args.root) else "no such folder"
+            raise cli.UsageError(f"ROOT {args.root!r} is not a folder (expected the dataset root): got {what}")
+        try:
+            report = validate_manifest(args.manifest, args.format, args.root)
+        except OSError as e:
+            raise cli.UsageError(f"cannot read manifest {args.manifest!r} (expected a readable text file, "
+                                 f"got: {e.strerror or e})") from e
+        print(report.summary(max_issues=args.max_issues))
+        return 0 if report.ok else 1
+
+    return cli.run_main(_main, list(sys.argv[1:] if argv is None else argv))

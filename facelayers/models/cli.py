@@ -34,6 +34,7 @@ __all__ = [
     "unit_float",
     "finite_float",
     "output_folder",
+    "output_file",
     "existing_file",
     "existing_folder",
     "existing_path",
@@ -56,6 +57,7 @@ _ARGPARSE_REWRITES = (
     (re.compile(r"^(argument \S+): invalid (\w+) value: (.+)$"), r"\1: invalid value (expected a valid \2, got \3)"),
     (re.compile(r"^(argument \S+): expected (.+) arguments?$"), r"\1: missing value (expected \2 argument(s), got none)"),
     (re.compile(r"^(argument \S+): ignored explicit argument (.+)$"), r"\1: takes no value (expected none, got \2)"),
+    (re.compile(r"^(argument \S+): not allowed with (argument \S+)$"), r"\1: not allowed with \2 (expected one of them, got both)"),
 )
 
 
@@ -77,6 +79,9 @@ class ScriptArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_INT64 = 2**63
+
+
 def _number_type(name: str, kind: type, what: str, ok: Callable[[float], bool]) -> Callable[[str], float | int]:
     """An argparse ``type=`` function parsing ``kind`` (int or finite float) and requiring ``ok``."""
 
@@ -87,6 +92,8 @@ def _number_type(name: str, kind: type, what: str, ok: Callable[[float], bool]) 
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if (kind is float and not math.isfinite(v)) or not ok(v):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if kind is int and not -_INT64 <= v < _INT64:  # torch seeds, sizes and counts are int64
+            raise argparse.ArgumentTypeError(f"expected {what} and < 2**63, got {text!r}")
         return v
 
     parse.__name__ = parse.__qualname__ = name
@@ -103,6 +110,16 @@ open_unit_float = _number_type("open_unit_float", float, "a number in (0, 1)", l
 unit_float = _number_type("unit_float", float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
+def _under_existing_folder(text: str, kind: str) -> str:
+    """``text`` if the nearest existing parent of the (new or existing) ``kind`` path is a folder."""
+    parent = os.path.dirname(os.path.abspath(text))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"expected a {kind} path, got {text!r} (its parent {parent!r} is a file)")
+    return text
+
+
 def output_folder(text: str) -> str:
     """A folder to write into: it may exist (as a folder) or not, but must not be a file, and its
     nearest existing parent must be a folder."""
@@ -110,30 +127,36 @@ def output_folder(text: str) -> str:
         raise argparse.ArgumentTypeError("expected a folder path, got ''")
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"expected a folder (new or existing), got the file {text!r}")
-    parent = os.path.dirname(os.path.abspath(text))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r} (its parent {parent!r} is a file)")
+    return _under_existing_folder(text, "folder")
+
+
+def output_file(text: str) -> str:
+    """A file to write: it may exist (as a file) or not, but must not be a folder, and its nearest
+    existing parent must be a folder."""
+    if not text or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file path, got the folder {text!r}")
+    return _under_existing_folder(text, "file")
+
+
+def _existing(text: str, kind: str, is_kind: Callable[[str], bool], other: str) -> str:
+    """``text`` if it names an existing ``kind`` (``is_kind`` holds); else "not found" or "the <other>"."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"expected an existing {kind}, got {text!r} (not found)")
+    if not is_kind(text):
+        raise argparse.ArgumentTypeError(f"expected a {kind}, got the {other} {text!r}")
     return text
 
 
 def existing_file(text: str) -> str:
     """An existing file."""
-    if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"expected an existing file, got {text!r} (not found)")
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"expected a file, got the folder {text!r}")
-    return text
+    return _existing(text, "file", os.path.isfile, "folder")
 
 
 def existing_folder(text: str) -> str:
     """An existing folder."""
-    if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r} (not found)")
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
-    return text
+    return _existing(text, "folder", os.path.isdir, "file")
 
 
 def existing_path(text: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .hosts import BlockSpec, find_block_container, host_checkpointing_on, select_blocks
+from .hosts import BlockSpec, filtered_module_names, find_block_container, host_checkpointing_on, select_blocks
 from .routing import iter_moe_layers, moe_task_state
 
 __all__ = ["checkpoint_moe_blocks_"]
@@ -92,14 +92,7 @@ def checkpoint_moe_blocks_(
     if not isinstance(enable, bool):
         raise TypeError(f"enable must be a bool (expected bool, got {type(enable).__name__})")
     if filter_fn is not None:
-        if blocks is not None:
-            raise ValueError("pass either blocks or filter_fn, not both (expected one, got both)")
-        names: list[str] = []
-        for name, mod in model.named_modules():
-            if not name or any(name.startswith(p + ".") for p in names):
-                continue
-            if filter_fn(mod, name):
-                names.append(name)
+        names = filtered_module_names(model, filter_fn, blocks)
     else:
         prefix, container, _family = find_block_container(model)
         names = [f"{prefix}.{i}" for i in select_blocks(blocks, len(container), default="all")]

@@ -6,7 +6,14 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["find_block_container", "select_blocks", "host_checkpointing_on", "HOST_CHECKPOINT_FLAGS", "BlockSpec"]
+__all__ = [
+    "find_block_container",
+    "select_blocks",
+    "filtered_module_names",
+    "host_checkpointing_on",
+    "HOST_CHECKPOINT_FLAGS",
+    "BlockSpec",
+]
 
 BlockSpec = str | Sequence[int] | Callable[[int], bool] | None
 
@@ -79,6 +86,22 @@ def select_blocks(blocks: BlockSpec, n: int, *, default: str) -> list[int]:
     if len(set(idx)) != len(idx):
         raise ValueError(f"duplicate block indices (expected distinct indices, got {list(blocks)})")
     return sorted(idx)
+
+
+def filtered_module_names(
+    model: nn.Module, filter_fn: Callable[[nn.Module, str], bool], blocks: BlockSpec = None
+) -> list[str]:
+    """Qualified names of the modules ``filter_fn(module, name)`` picks, in model order; nothing below a
+    picked module is visited. ``blocks`` must be ``None`` (the two selectors exclude each other)."""
+    if blocks is not None:
+        raise ValueError("pass either blocks or filter_fn, not both (expected one, got both)")
+    names: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in names):
+            continue
+        if filter_fn(mod, name):
+            names.append(name)
+    return names
 
 
 def host_checkpointing_on(model: nn.Module) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.grouped_experts.activations import activation_module
-from .hosts import BlockSpec, find_block_container, host_checkpointing_on, select_blocks
+from .hosts import BlockSpec, filtered_module_names, find_block_container, host_checkpointing_on, select_blocks
 from .layer import MoEFFN, ffn_width
 
 __all__ = [
@@ -130,14 +130,7 @@ def inject_moe_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (expected nn.Module, got {type(model).__name__})")
     if filter_fn is not None:
-        if blocks is not None:
-            raise ValueError("pass either blocks or filter_fn, not both (expected one, got both)")
-        names: list[str] = []
-        for name, mod in model.named_modules():
-            if not name or any(name.startswith(p + ".") for p in names):
-                continue
-            if filter_fn(mod, name):
-                names.append(name)
+        names = filtered_module_names(model, filter_fn, blocks)
     else:
         prefix, container, _family = find_block_container(model)
         chosen = select_blocks(blocks, len(container), default="last:6")

@@ -16,6 +16,7 @@ ONE grouped-expert call for a mixed batch). Router and bank are injectable (``ro
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -99,6 +100,17 @@ def ffn_width(module: nn.Module) -> tuple[int | None, int | None]:
     first = first or (linears[0] if linears else None)
     last = last or (linears[-1] if linears else None)
     return (first.in_features if first is not None else None, last.out_features if last is not None else None)
+
+
+def _part_setting(part: str, attr: str) -> property:
+    """Read-only property ``MoEFFN.<attr>``: the setting ``<part>.<attr>`` of the router or expert bank
+    (``top_k``: int, ``renormalize``: bool, ``noise_std``: float, ``hidden_dim``: int, ``activation``:
+    str or callable)."""
+
+    def get(self: nn.Module) -> Any:
+        return getattr(getattr(self, part), attr)
+
+    return property(get, doc=f"``self.{part}.{attr}`` (read-only; the setting lives on the part).")
 
 
 def _legacy_parameter(old: str) -> property:
@@ -250,8 +262,11 @@ class MoEFFN(nn.Module):
         if aux_loss not in ("none", "switch"):
             raise ValueError(f"aux_loss must be 'none' or 'switch' (expected 'none' or 'switch', got {aux_loss!r})")
         check_activation(activation)
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0 (expected a float >= 0, got {noise_std!r})")
+        if (not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not math.isfinite(noise_std)
+                or noise_std < 0):
+            raise ValueError(f"noise_std must be >= 0 (expected a finite float >= 0, got {noise_std!r})")
+        if not isinstance(gamma_init, (int, float)) or isinstance(gamma_init, bool) or not math.isfinite(gamma_init):
+            raise ValueError(f"gamma_init must be a finite number (expected e.g. 0.1, got {gamma_init!r})")
         if batch_first not in (True, False, None):
             raise ValueError(f"batch_first must be True, False or None (expected bool or None, got {batch_first!r})")
         d_in, d_out = ffn_width(shared)
@@ -362,25 +377,11 @@ class MoEFFN(nn.Module):
         self._task_ids = None if value is None else as_task_ids(value)
 
     # ------------------------------------------------------------------ settings read from the parts
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
-    @property
-    def renormalize(self) -> bool:
-        return self.router.renormalize
-
-    @property
-    def noise_std(self) -> float:
-        return self.router.noise_std
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.experts.hidden_dim
-
-    @property
-    def activation(self) -> str | Callable[[Tensor], Tensor]:
-        return self.experts.activation
+    top_k = _part_setting("router", "top_k")
+    renormalize = _part_setting("router", "renormalize")
+    noise_std = _part_setting("router", "noise_std")
+    hidden_dim = _part_setting("experts", "hidden_dim")
+    activation = _part_setting("experts", "activation")
 
     @property
     def backend(self) -> str:

@@ -111,7 +111,8 @@ class TaskTopKRouter(nn.Module):
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts ({num_experts}) (expected 1 <= top_k <= {num_experts}, "
                              f"got top_k={top_k})")
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
+        if (not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not math.isfinite(noise_std)
+                or noise_std < 0):
             raise ValueError(f"noise_std must be >= 0 (expected a float >= 0, got {noise_std!r})")
         self.dim = dim
         self.num_experts = num_experts
@@ -134,6 +135,25 @@ class TaskTopKRouter(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}, "
                 f"renormalize={self.renormalize}, noise_std={self.noise_std}")
+
+    def _check_inputs(self, tokens: Tensor, task_of_token: Tensor | None) -> None:
+        """Shape / dtype checks (free: no host sync); task-id values only for CPU tensors."""
+        if tokens.dim() != 2 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__}: tokens must be [N, dim={self.dim}] "
+                             f"(expected [N, {self.dim}], got {list(tokens.shape)})")
+        if task_of_token is None:
+            return
+        if task_of_token.dtype.is_floating_point or task_of_token.dtype.is_complex or task_of_token.dtype == torch.bool:
+            raise TypeError(f"{type(self).__name__}: task ids must be integers (expected an integer tensor, "
+                            f"got {task_of_token.dtype})")
+        if task_of_token.shape != (tokens.shape[0],):
+            raise ValueError(f"{type(self).__name__}: one task id per token (expected shape [{tokens.shape[0]}], "
+                             f"got {list(task_of_token.shape)})")
+        if task_of_token.device.type == "cpu" and task_of_token.numel() and self.num_tasks > 1:
+            lo, hi = int(task_of_token.min()), int(task_of_token.max())
+            if lo < 0 or hi >= self.num_tasks:
+                raise ValueError(f"{type(self).__name__}: task id out of range (expected 0..{self.num_tasks - 1}, "
+                                 f"got {lo if lo < 0 else hi})")
 
     # ------------------------------------------------------------------ steps (override in subclasses)
     def logits(self, tokens: Tensor, task_of_token: Tensor | None) -> Tensor:
@@ -161,7 +181,14 @@ class TaskTopKRouter(nn.Module):
     def forward(
         self, tokens: Tensor, task_of_token: Tensor | None = None, layout: TokenLayout | None = None
     ) -> RouterOutput:
-        """Route ``tokens [N, D]`` (task ids ``[N]`` or None for task 0); see the class docstring."""
+        """Route ``tokens [N, D]`` (task ids ``[N]`` or None for task 0); see the class docstring.
+
+        Raises:
+            ValueError: ``tokens`` not ``[N, dim]``, or task ids not ``[N]`` (or, for CPU tensors,
+                outside ``[0, num_tasks)``).
+            TypeError: task ids that are not integers.
+        """
+        self._check_inputs(tokens, task_of_token)
         logits = self.logits(tokens, task_of_token)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ... import facs
 from .domains import generate_wild_clips, item_generator
-from .render import RENDERED_AUS, render_faces, sample_identities
+from .render import RENDERED_AUS, render_au_apexes, render_faces, sample_identities
 
 __all__ = ["make_figure", "sample_grid"]
 
@@ -27,14 +27,9 @@ def sample_grid(*, image_size: int = 64, seed: int = 0, num_identities: int = 2,
     """
     g = item_generator(seed, 9, 0)
     ids = sample_identities(num_identities, generator=g)
-    A = len(RENDERED_AUS)
-    au = torch.cat([torch.zeros(1, A), torch.eye(A)])
-    rows = []
-    for i in range(num_identities):
-        idn = {k: v[i : i + 1].expand(A + 1, *v.shape[1:]) for k, v in ids.items()}
-        rows.append(render_faces(idn, au, image_size=image_size))
+    au_frames = render_au_apexes(ids, image_size=image_size)
     K = len(expressions)
-    comp = torch.zeros(K, A)
+    comp = torch.zeros(K, len(RENDERED_AUS))
     for k, e in enumerate(expressions):
         for a in facs.EXPRESSIONS[e].aus:
             comp[k, RENDERED_AUS.index(a)] = 1.0
@@ -42,7 +37,7 @@ def sample_grid(*, image_size: int = 64, seed: int = 0, num_identities: int = 2,
     clean = render_faces(idn, comp, image_size=image_size)
     wild = generate_wild_clips(list(range(K)), list(range(K)), expressions=expressions, num_frames=8,
                                image_size=image_size, seed=seed)
-    return torch.stack(rows), clean, wild.frames[:, -1].float() / 255.0
+    return au_frames, clean, wild.frames[:, -1].float() / 255.0
 
 
 def make_figure(path: str | os.PathLike[str] | None = None, *, image_size: int = 64, seed: int = 0,

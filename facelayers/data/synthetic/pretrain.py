@@ -214,10 +214,16 @@ class PretrainRecipe:
                 raise ValueError(f"{name} must be a positive int (expected >= 1, got {v!r})")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0 (expected > 0, got {self.lr!r})")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2: the contrastive loss of one image-caption pair is 0 "
+                             f"(expected >= 2, got {self.batch_size!r})")
         if not 0.0 <= self.subset_p <= 1.0:
             raise ValueError(f"subset_p must be in [0, 1] (expected 0 <= p <= 1, got {self.subset_p!r})")
-        if self.warmup < 0 or self.weight_decay < 0:
-            raise ValueError(f"warmup and weight_decay must be >= 0 (got {self.warmup!r}, {self.weight_decay!r})")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (expected >= 0, got {self.warmup!r})")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0 (expected >= 0, got {self.weight_decay!r})")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

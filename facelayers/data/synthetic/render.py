@@ -16,7 +16,7 @@ dimension ``N`` (see :func:`sample_identities`, :func:`neutral_pose`, :func:`sam
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ __all__ = [
     "RENDERED_AUS",
     "neutral_pose",
     "plain_scenes",
+    "render_au_apexes",
     "render_faces",
     "sample_identities",
 ]
@@ -293,6 +294,27 @@ def render_faces(
     return out
 
 
+
+def render_au_apexes(identities: Mapping[str, Tensor], *, image_size: int = 32) -> Tensor:
+    """Per identity the neutral face, then each rendered AU alone at intensity 1 (lab scene, frontal).
+
+    Args:
+        identities: identity parameters of ``I`` identities (:func:`sample_identities`).
+        image_size: output height and width in pixels.
+
+    Returns:
+        ``[I, 1 + A, 3, S, S]`` float images, ``A = len(RENDERED_AUS)``, columns: neutral then
+        :data:`RENDERED_AUS` order.
+    """
+    A = len(RENDERED_AUS)
+    au = torch.cat([torch.zeros(1, A), torch.eye(A)])
+    num_identities = len(next(iter(identities.values())))
+    rows = []
+    for i in range(num_identities):
+        idn = {k: v[i : i + 1].expand(A + 1, *v.shape[1:]) for k, v in identities.items()}
+        rows.append(render_faces(idn, au, image_size=image_size))
+    return torch.stack(rows)
+
 def _render_into(out, identity, au, pose, scene, image_size, chunk_size) -> None:
     n = au.shape[0]
     for s in range(0, n, chunk_size):
@@ -363,12 +385,18 @@ def _marks_au2(c: _Ctx):
     return out
 
 
+def _mirrored(c: _Ctx, au: int, mark: Callable[[float], Tensor], scale: float = 1.0, colour: Tensor | None = None):
+    """One mark on each side of the face (``s = -1.0`` then ``s = 1.0``), as ``(alpha, colour)`` pairs:
+    ``mark(s) * scale * A[au]`` in ``colour`` (default ``c.dark``)."""
+    colour = c.dark if colour is None else colour
+    return [(mark(s) * scale * c.A[au], colour) for s in (-1.0, 1.0)]
+
+
 def _marks_au4(c: _Ctx):
-    out = []
-    for s in (-1.0, 1.0):
+    def mark(s: float) -> Tensor:
         gx = s * 0.045 + 0.09 * c.yaw
-        out.append((_stroke(c.X, c.Y, gx, c.ey - 0.20, gx, c.ey - 0.06, 0.010 + 0 * gx, c.e) * c.A[4], c.dark))
-    return out
+        return _stroke(c.X, c.Y, gx, c.ey - 0.20, gx, c.ey - 0.06, 0.010 + 0 * gx, c.e)
+    return _mirrored(c, 4, mark)
 
 
 def _marks_au6(c: _Ctx):
@@ -387,12 +415,10 @@ def _marks_au6(c: _Ctx):
 
 
 def _marks_au7(c: _Ctx):
-    out = []
-    for s in (-1.0, 1.0):
+    def mark(s: float) -> Tensor:
         ecx = s * c.ex + 0.1 * c.yaw
-        a = _stroke(c.X, c.Y, ecx - c.ea, c.ey, ecx + c.ea, c.ey, 0.02 + 0 * ecx, c.e, bulge=-c.hl * 0.9)
-        out.append((a * 0.95 * c.A[7], c.dark * 0.7))
-    return out
+        return _stroke(c.X, c.Y, ecx - c.ea, c.ey, ecx + c.ea, c.ey, 0.02 + 0 * ecx, c.e, bulge=-c.hl * 0.9)
+    return _mirrored(c, 7, mark, 0.95, c.dark * 0.7)
 
 
 def _marks_au9(c: _Ctx):
@@ -405,21 +431,17 @@ def _marks_au9(c: _Ctx):
 
 
 def _marks_au14(c: _Ctx):
-    out = []
-    for s in (-1.0, 1.0):
+    def mark(s: float) -> Tensor:
         cxs = c.mx + s * c.w
-        a = _ellipse(c.X, c.Y, cxs + s * 0.05, c.my + c.c - 0.005, 0.04 + 0 * c.my, 0.04 + 0 * c.my, c.e)
-        out.append((a * c.A[14], c.dark))
-    return out
+        return _ellipse(c.X, c.Y, cxs + s * 0.05, c.my + c.c - 0.005, 0.04 + 0 * c.my, 0.04 + 0 * c.my, c.e)
+    return _mirrored(c, 14, mark)
 
 
 def _marks_au15(c: _Ctx):
-    out = []
-    for s in (-1.0, 1.0):
+    def mark(s: float) -> Tensor:
         cxs = c.mx + s * c.w
-        a = _stroke(c.X, c.Y, cxs, c.my + c.c + 0.03, cxs - s * 0.015, c.my + c.c + 0.13, 0.011 + 0 * c.my, c.e)
-        out.append((a * 0.8 * c.A[15], c.dark))
-    return out
+        return _stroke(c.X, c.Y, cxs, c.my + c.c + 0.03, cxs - s * 0.015, c.my + c.c + 0.13, 0.011 + 0 * c.my, c.e)
+    return _mirrored(c, 15, mark, 0.8)
 
 
 def _marks_au17(c: _Ctx):
@@ -429,12 +451,10 @@ def _marks_au17(c: _Ctx):
 
 
 def _marks_au20(c: _Ctx):
-    out = []
-    for s in (-1.0, 1.0):
+    def mark(s: float) -> Tensor:
         cxs = c.mx + s * c.w
-        a = _stroke(c.X, c.Y, cxs + s * 0.02, c.my + c.c + 0.02, cxs + s * 0.13, c.my + c.c + 0.16, 0.011 + 0 * c.my, c.e)
-        out.append((a * 0.8 * c.A[20], c.dark))
-    return out
+        return _stroke(c.X, c.Y, cxs + s * 0.02, c.my + c.c + 0.02, cxs + s * 0.13, c.my + c.c + 0.16, 0.011 + 0 * c.my, c.e)
+    return _mirrored(c, 20, mark, 0.8)
 
 
 def _marks_au24(c: _Ctx):

@@ -4,6 +4,24 @@
 The validation split is carved from the training data: whole AU *subjects* (``AURecord.subject``,
 parsed by each dataset's convention, so it is subject-independent like the test folds) and random
 expression clips.
+
+Data choices (each an argument of :func:`build_datasets`; the released code's are what
+``--recipe ssm_release`` selects, see ``docs/release_recipe.md``):
+
+* ``au_train_windows``: ``"padded"`` (default: windows every ``stride`` frames over every frame,
+  short runs and the last window of a run edge-padded; real data: randomly shifted in training)
+  or ``"full"`` (the release's training windows: whole ``T``-frame windows at ``0, T, 2T, ...``
+  of every run, short runs and run tails dropped, :func:`facelayers.data.datasets.full_windows`).
+  Evaluation windows cover every labelled frame either way.
+* ``exp_sampling``: ``"segments"`` (default, :func:`facelayers.data.segment_indices`) or
+  ``"release"`` (:func:`facelayers.data.datasets.release_segment_indices`). Real data only: the
+  synthetic clips are rendered with exactly ``T`` frames.
+* ``erase_p``: random-erasing probability of the real-data training transform (default 0.3, the
+  release 0); the synthetic training transform (flip + normalisation) never erases.
+
+Every transform normalises with the full-precision OpenAI CLIP mean / std
+(:data:`facelayers.data.CLIP_MEAN`, :data:`facelayers.data.CLIP_STD`), as the release does for
+every dataset.
 """
 
 from __future__ import annotations
@@ -14,11 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from facelayers import facs
 
 __all__ = [
+    "AU_TRAIN_WINDOWS",
+    "EXP_SAMPLING",
     "DataUnavailableError",
+    "FullWindowSubset",
+    "au_frame_table",
+    "labelled_frame_count",
+    "window_frame_keys",
     "DataBundle",
     "build_datasets",
     "build_real_datasets",
@@ -34,6 +59,60 @@ __all__ = [
 
 class DataUnavailableError(RuntimeError):
     """Real-data options are incomplete or point to missing files."""
+
+
+#: Choices of ``au_train_windows`` (see the module docstring).
+AU_TRAIN_WINDOWS: tuple[str, ...] = ("padded", "full")
+
+
+def _exp_samplers() -> dict[str, Any]:
+    from facelayers.data.datasets import release_segment_indices, segment_indices
+
+    return {"segments": segment_indices, "release": release_segment_indices}
+
+
+#: Choices of ``exp_sampling`` (see the module docstring).
+EXP_SAMPLING: tuple[str, ...] = ("segments", "release")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)} (expected one of them, got {value!r})")
+
+
+def _all_windows(dataset: Any) -> Any:
+    return dataset
+
+
+class FullWindowSubset(torch.utils.data.Subset):
+    """The windows of a :class:`~facelayers.data.synthetic.SyntheticAUDataset` whose ``T`` slots
+    are all real frames (``mask`` all True): with ``stride = T`` and no shift, exactly the windows
+    :func:`facelayers.data.datasets.full_windows` plans (starts ``0, T, 2T, ...`` of each take;
+    takes shorter than ``T`` and take tails dropped), i.e. the released code's AU training windows.
+
+    Items are the dataset's (their ``index`` is the dataset's window index); :meth:`set_epoch` is
+    forwarded.
+
+    Raises:
+        ValueError: the dataset shifts its windows (``train=True``) or no window is full.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if getattr(dataset, "train", False):
+            raise ValueError("FullWindowSubset needs fixed windows (expected a dataset with train=False, got train=True)")
+        keep = [i for i in range(len(dataset)) if bool(dataset.window_rows(i)[1].all())]
+        if not keep:
+            raise ValueError(f"no full window in {dataset!r} (expected at least one take of >= {dataset.num_frames} "
+                             "frames, got none)")
+        super().__init__(dataset, keep)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the dataset."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __repr__(self) -> str:
+        return f"FullWindowSubset(windows={len(self)} of {len(self.dataset)}, dataset={self.dataset!r})"
 
 
 @dataclass
@@ -138,14 +217,23 @@ def build_real_datasets(
     *, frames: int, image_size: int, seed: int, val_fraction: float, au_dataset: str, au_root: str | None,
     au_manifest: str | None, au_test_manifest: str | None, exp_dataset: str, exp_root: str | None,
     exp_manifest: str | None, exp_test_manifest: str | None, au_select: str = "center",
-    tasks: Sequence[str] = ("exp", "au"),
+    tasks: Sequence[str] = ("exp", "au"), au_train_windows: str = "padded", exp_sampling: str = "segments",
+    erase_p: float | None = None,
 ) -> DataBundle:
     """Datasets from the public manifests (BP4D / DISFA and DFEW / FERV39K / MAFW).
 
     The validation split is carved from the training manifest: whole AU subjects (so it is
-    subject-independent, like the test folds) and random expression clips.
+    subject-independent, like the test folds) and random expression clips. ``au_train_windows``,
+    ``exp_sampling``, ``erase_p``: see the module docstring (``erase_p=None``: the training
+    preset's 0.3).
     """
     from facelayers.data import AUClipDataset, ExpressionClipDataset, eval_transform, read_manifest, train_transform
+    from facelayers.data.datasets import full_windows
+
+    _check_choice("au_train_windows", au_train_windows, AU_TRAIN_WINDOWS)
+    _check_choice("exp_sampling", exp_sampling, EXP_SAMPLING)
+    sampler = _exp_samplers()[exp_sampling]
+    planner = {"padded": None, "full": full_windows}[au_train_windows]
 
     need = []
     if "au" in tasks:
@@ -162,7 +250,8 @@ def build_real_datasets(
             raise DataUnavailableError(f"{n}: folder not found: {v}")
     aus = facs.BP4D_AUS if au_dataset == "bp4d" else facs.DISFA_AUS
     expressions = facs.MAFW_EXPRESSIONS if exp_dataset == "mafw" else facs.EXPRESSIONS_7
-    tr_tf, ev_tf = train_transform(image_size), eval_transform(image_size)
+    tr_tf = train_transform(image_size) if erase_p is None else train_transform(image_size, erase_p=erase_p)
+    ev_tf = eval_transform(image_size)
     train, val, test = {}, {}, {}
     rate = None
     if "au" in tasks:
@@ -175,7 +264,7 @@ def build_real_datasets(
         except ValueError as err:
             raise DataUnavailableError(f"{os.fspath(au_manifest)}: {err}") from None
         kw = dict(num_frames=frames, label_mode=au_select)
-        train["au"] = AUClipDataset(tr_recs, au_root, train=True, transform=tr_tf, seed=seed, **kw)
+        train["au"] = AUClipDataset(tr_recs, au_root, train=True, transform=tr_tf, seed=seed, planner=planner, **kw)
         val["au"] = AUClipDataset(va_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
         test["au"] = AUClipDataset(te_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
         lab = torch.tensor([r.labels for r in te_recs], dtype=torch.float64)
@@ -191,9 +280,10 @@ def build_real_datasets(
         except ValueError as err:
             raise DataUnavailableError(f"{os.fspath(exp_manifest)}: {err}") from None
         train["exp"] = ExpressionClipDataset([recs[i] for i in tr_i], exp_root, num_frames=frames, train=True,
-                                             transform=tr_tf, seed=seed)
-        val["exp"] = ExpressionClipDataset([recs[i] for i in va_i], exp_root, num_frames=frames, transform=ev_tf)
-        test["exp"] = ExpressionClipDataset(te_recs, exp_root, num_frames=frames, transform=ev_tf)
+                                             transform=tr_tf, seed=seed, sampler=sampler)
+        val["exp"] = ExpressionClipDataset([recs[i] for i in va_i], exp_root, num_frames=frames, transform=ev_tf,
+                                           sampler=sampler)
+        test["exp"] = ExpressionClipDataset(te_recs, exp_root, num_frames=frames, transform=ev_tf, sampler=sampler)
     return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate)
 
 
@@ -202,19 +292,22 @@ def build_datasets(*, data: str, frames: int, image_size: int, seed: int, fold: 
                    val_fraction: float, exp_fraction: float, au_fraction: float, au_dataset: str,
                    au_root: str | None, au_manifest: str | None, au_test_manifest: str | None, exp_dataset: str,
                    exp_root: str | None, exp_manifest: str | None, exp_test_manifest: str | None,
-                   au_select: str = "center", tasks: Sequence[str] = ("exp", "au")) -> DataBundle:
+                   au_select: str = "center", tasks: Sequence[str] = ("exp", "au"),
+                   au_train_windows: str = "padded", exp_sampling: str = "segments",
+                   erase_p: float | None = None) -> DataBundle:
     """Synthetic benchmark (default) or real datasets; see :func:`build_real_datasets`."""
     if data == "real":
         return build_real_datasets(
             frames=frames, image_size=image_size, seed=seed, val_fraction=val_fraction, au_dataset=au_dataset,
             au_root=au_root, au_manifest=au_manifest, au_test_manifest=au_test_manifest, exp_dataset=exp_dataset,
             exp_root=exp_root, exp_manifest=exp_manifest, exp_test_manifest=exp_test_manifest, au_select=au_select,
-            tasks=tasks,
+            tasks=tasks, au_train_windows=au_train_windows, exp_sampling=exp_sampling, erase_p=erase_p,
         )
     return build_synthetic_datasets(frames=frames, image_size=image_size, seed=data_seed, fold=fold, quick=quick,
                                     size=size, val_fraction=val_fraction, au_dataset=au_dataset,
                                     exp_dataset=exp_dataset, au_select=au_select, tasks=tasks,
-                                    class_balance=class_balance, nuisance=nuisance)
+                                    class_balance=class_balance, nuisance=nuisance,
+                                    au_train_windows=au_train_windows, exp_sampling=exp_sampling)
 
 
 #: Size of the default synthetic benchmark (``--synthetic-size`` scales the counts).
@@ -225,7 +318,8 @@ SYNTHETIC_QUICK = dict(exp_clips=80, au_subjects=5, au_sequences=1, au_sequence_
 def build_synthetic_datasets(*, frames: int, image_size: int, seed: int, fold: int, quick: bool, size: float,
                              val_fraction: float, au_dataset: str = "bp4d", exp_dataset: str = "dfew",
                              au_select: str = "center", tasks: Sequence[str] = ("exp", "au"),
-                             class_balance: str = "uniform", nuisance: float | None = None) -> DataBundle:
+                             class_balance: str = "uniform", nuisance: float | None = None,
+                             au_train_windows: str = "padded", exp_sampling: str = "segments") -> DataBundle:
     """The synthetic FACS benchmark of :mod:`facelayers.data.synthetic` (in memory, no files).
 
     Expression side: wild-like clips of the 7 (DFEW / FERV39K-like) or 11 (MAFW-like) classes, 5
@@ -233,7 +327,13 @@ def build_synthetic_datasets(*, frames: int, image_size: int, seed: int, fold: i
     AU side: lab-like takes of BP4D-like (12) or DISFA-like (8) AUs, 3 subject folds, test = fold
     ``fold``, validation = 15 % of the other subjects (subject-independent). ``seed`` is the
     *benchmark* seed (the same benchmark for every training seed unless it changes).
+
+    ``au_train_windows="full"``: the AU training windows are the release's (:class:`FullWindowSubset`
+    of fixed windows every ``T`` frames) instead of fixed windows every ``T // 2`` frames.
+    ``exp_sampling`` is checked and recorded but has no effect here (clips have exactly ``T`` frames).
     """
+    _check_choice("au_train_windows", au_train_windows, AU_TRAIN_WINDOWS)
+    _check_choice("exp_sampling", exp_sampling, EXP_SAMPLING)
     from facelayers.data import ClipCompose, ClipNormalize, ClipRandomHorizontalFlip
     from facelayers.data.synthetic import SyntheticAUDataset, SyntheticExpressionDataset
 
@@ -268,10 +368,123 @@ def build_synthetic_datasets(*, frames: int, image_size: int, seed: int, fold: i
         stride = max(1, frames // 2)
         # fixed windows every T/2 frames (train=False: SyntheticAUDataset's random window shift can
         # step past the end of a take at the time of writing, see the report of issue 8)
-        train["au"] = SyntheticAUDataset(split="train", transform=train_tf, stride=stride, train=False,
-                                         item_seed=seed, **kw)
+        train_stride, select = {"padded": (stride, _all_windows), "full": (frames, FullWindowSubset)}[au_train_windows]
+        train["au"] = select(SyntheticAUDataset(split="train", transform=train_tf, stride=train_stride, train=False,
+                                                item_seed=seed, **kw))
         val["au"] = SyntheticAUDataset(split="val", transform=eval_tf, stride=stride, **kw)
         test["au"] = SyntheticAUDataset(split="test", transform=eval_tf, eval_cover=au_select == "center", **kw)
         rate = test["au"].frame_labels.float().mean(0).tolist()
     notes = {"synthetic": {**p, "class_balance": class_balance, "benchmark_seed": seed, "nuisance": nuisance}}
     return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# every evaluated AU frame in temporal order (for the release's tuned, segment-safe AU F1)
+
+
+def _base_dataset(dataset: Any) -> Any:
+    while isinstance(dataset, torch.utils.data.Subset):  # items keep the base dataset's index
+        dataset = dataset.dataset
+    return dataset
+
+
+def _synthetic_keys(dataset: Any, index: int) -> list[tuple[str, int]]:
+    rows, _ = dataset.window_rows(index)
+    return [(f"take{dataset.window_take(index)}", int(r)) for r in rows.tolist()]
+
+
+def _record_keys(dataset: Any, index: int) -> list[tuple[str, int]]:
+    recs, _ = dataset.window_frames(index)
+    return [(r.sequence, int(r.frame_index)) for r in recs]
+
+
+def window_frame_keys(dataset: Any, index: int) -> list[tuple[str, int]]:
+    """``(sequence, frame number)`` read by each of the ``T`` slots of window ``index`` (evaluation
+    windows: no shift): a :class:`~facelayers.data.synthetic.SyntheticAUDataset`'s take
+    (``"take<k>"``) and frame row (``window_take`` / ``window_rows``), or an
+    :class:`~facelayers.data.AUClipDataset`'s record ``sequence`` and ``frame_index``
+    (``window_frames``).
+
+    Raises:
+        TypeError: a dataset with neither interface.
+    """
+    if getattr(dataset, "train", False):
+        raise ValueError("window_frame_keys: expected an evaluation dataset (train=False, fixed windows), got train=True")
+    for needs, keys in ((("window_take", "window_rows"), _synthetic_keys), (("window_frames",), _record_keys)):
+        if all(hasattr(dataset, n) for n in needs):
+            return keys(dataset, index)
+    raise TypeError(f"window_frame_keys: expected an AUClipDataset or a SyntheticAUDataset, got {type(dataset).__name__}")
+
+
+def labelled_frame_count(dataset: Any) -> int:
+    """Number of labelled frames of an AU dataset (what an evaluation covering every frame sees)."""
+    base = _base_dataset(dataset)
+    if hasattr(base, "records"):
+        return len(base.records)
+    return int(base.frame_labels.shape[0])
+
+
+def au_frame_table(dataset: Any, indices: Tensor, probs: Tensor, labels: Tensor,
+                   keep: Tensor | None = None) -> dict[str, Any]:
+    """Per-window AU outputs -> one row per labelled frame, in temporal order, with its segment.
+
+    Every real slot (all-frame outputs ``[B, T, M]`` with ``keep`` the window mask ``[B, T]``) or
+    the centre slot (per-window outputs ``[B, M]``, ``keep`` ``[B]``) of each evaluated window is
+    located by :func:`window_frame_keys`; rows are sorted by (sequence, frame number) and a
+    *segment* is a run of consecutive frame numbers of one sequence (the released evaluation's
+    segments: a vote never crosses a missing frame or a sequence boundary).
+
+    Args:
+        dataset: The evaluated AU dataset (a ``Subset`` of it is unwrapped; ``indices`` are the
+            items' ``index`` values, i.e. the base dataset's window indices).
+        indices: ``[B]`` window indices.
+        probs: ``[B, T, M]`` or ``[B, M]`` probabilities.
+        labels: same shape as ``probs``.
+        keep: ``[B, T]`` / ``[B]`` bool, True where the slot / window counts (``None``: all).
+
+    Returns:
+        ``dict(probs=[N, M] float64, target=[N, M] int64, segment_ids=[N] int64,
+        keys=[(sequence, frame), ...])`` for the ``N`` distinct frames.
+
+    Raises:
+        ValueError: shapes that disagree, or a frame that two windows both evaluate (expected every
+            frame once).
+    """
+    base = _base_dataset(dataset)
+    idx = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+    if probs.shape != labels.shape or probs.dim() not in (2, 3) or probs.shape[0] != len(idx):
+        raise ValueError(f"au_frame_table: expected probs and labels [B, T, M] or [B, M] with B = {len(idx)}, got "
+                         f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+    per_frame = probs.dim() == 3
+    if keep is None:
+        keep = torch.ones(probs.shape[:2] if per_frame else probs.shape[:1], dtype=torch.bool)
+    if tuple(keep.shape) != tuple(probs.shape[: 2 if per_frame else 1]):
+        raise ValueError(f"au_frame_table: keep must be {tuple(probs.shape[: 2 if per_frame else 1])}, got "
+                         f"{tuple(keep.shape)}")
+    keep = keep.bool().cpu()
+    probs, labels = probs.detach().double().cpu(), labels.detach().cpu()
+    rows: dict[tuple[str, int], tuple[int, int]] = {}
+    for b, i in enumerate(idx):
+        keys = window_frame_keys(base, i)
+        slots = range(len(keys)) if per_frame else (len(keys) // 2,)
+        for t in slots:
+            if not bool(keep[b, t] if per_frame else keep[b]):
+                continue
+            if keys[t] in rows:
+                raise ValueError(f"au_frame_table: frame {keys[t]} is evaluated twice (windows {rows[keys[t]][0]} and "
+                                 f"{i}; expected every frame once, e.g. stride T or eval_cover)")
+            rows[keys[t]] = (b, t)
+    if not rows:
+        raise ValueError("au_frame_table: no evaluated frame (expected at least one kept slot, got none)")
+    order = sorted(rows)
+    src = [rows[k] for k in order]
+    b_idx = torch.tensor([b for b, _ in src])
+    if per_frame:
+        t_idx = torch.tensor([t for _, t in src])
+        p, y = probs[b_idx, t_idx], labels[b_idx, t_idx]
+    else:
+        p, y = probs[b_idx], labels[b_idx]
+    seg = [0]
+    for (s0, f0), (s1, f1) in zip(order, order[1:]):
+        seg.append(seg[-1] + int(s1 != s0 or f1 != f0 + 1))
+    return {"probs": p, "target": y.round().long(), "segment_ids": torch.tensor(seg, dtype=torch.long), "keys": order}

@@ -234,21 +234,21 @@ class SSMModel(nn.Module):
 
     def exp_logits_from_features(self, f: Tensor, t_exp: Tensor | None = None) -> Tensor:
         """Frame features ``[B, T, D]`` -> expression logits ``[B, K]``."""
-        if self.exp_temporal is None:
-            raise ValueError(f"this model was built for tasks {self.tasks}; got expression features")
-        if t_exp is None and self.text is not None:
-            t_exp, _ = self.text_features()
-        z = self.exp_temporal(f)
-        return self.exp_head(z, t_exp) if t_exp is not None else self.exp_head(z)
+        return self._task_logits(f, t_exp, 0, self.exp_temporal, self.exp_head, "expression")
 
     def au_logits_from_features(self, f: Tensor, t_au: Tensor | None = None) -> Tensor:
         """Frame features ``[B, T, D]`` -> AU logits ``[B, M]`` (centre) or ``[B, T, M]`` (all)."""
-        if self.au_temporal is None:
-            raise ValueError(f"this model was built for tasks {self.tasks}; got AU features")
-        if t_au is None and self.text is not None:
-            _, t_au = self.text_features()
-        z = self.au_temporal(f)
-        return self.au_head(z, t_au) if t_au is not None else self.au_head(z)
+        return self._task_logits(f, t_au, 1, self.au_temporal, self.au_head, "AU")
+
+    def _task_logits(self, f: Tensor, t: Tensor | None, text_index: int, temporal: nn.Module | None,
+                     head: nn.Module, what: str) -> Tensor:
+        """One task's temporal head then classifier head; ``t`` defaults to ``text_features()[text_index]``."""
+        if temporal is None:
+            raise ValueError(f"this model was built for tasks {self.tasks}; got {what} features")
+        if t is None and self.text is not None:
+            t = self.text_features()[text_index]
+        z = temporal(f)
+        return head(z, t) if t is not None else head(z)
 
     # -- execution options (no effect on results) ----------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> list[str]:

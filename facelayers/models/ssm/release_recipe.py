@@ -23,7 +23,13 @@ gradient clipping at norm 1.0                                :func:`release_trai
 EMA of the trainable parameters (0.99, every step), used     :class:`~facelayers.training.ParameterEMA`,
 for validation and saved checkpoints                         :meth:`ReleaseRecipe.averaged`
 MoE router logit noise 1e-2 in training                      :func:`set_router_noise_`
+its reported AU F1: threshold and segment-safe vote over      :func:`release_tuned_au_f1` (optimistic; reported
+K = 0..7 with every vote count, tuned on the test labels     beside F1@0.5, never instead of it)
 ==========================================================  =========================================
+
+Its data choices are options of the data layer: :func:`facelayers.data.datasets.full_windows`
+(AU training windows), :func:`facelayers.data.datasets.release_segment_indices` (expression
+frames), ``train_transform(erase_p=0)`` (no random erasing); CLIP normalisation is the default.
 
 :class:`ReleaseRecipe` bundles them for a training loop; :func:`release_train_step` is one step on
 its own. With mixup off and router noise 0 the two steps of the release's own code recorded in the
@@ -61,6 +67,8 @@ from facelayers.training import ClipMixup, MovingMeanLossBalance, ParameterEMA, 
 
 __all__ = [
     "RELEASE_OUTPUT_KEYS",
+    "RELEASE_THRESHOLDS",
+    "RELEASE_VOTE_WINDOWS",
     "ReleaseLoss",
     "ReleaseObjective",
     "ReleaseRecipe",
@@ -72,6 +80,8 @@ __all__ = [
     "release_scheduler",
     "release_model_from_clip",
     "release_train_step",
+    "release_tuned_au_f1",
+    "release_vote_fractions",
     "set_router_noise_",
 ]
 
@@ -793,3 +803,52 @@ class ReleaseRecipe:
 
     def __repr__(self) -> str:
         return f"ReleaseRecipe(epoch={self.epoch}, config={self.config})"
+
+
+# ------------------------------------------------------------------------------------------------
+# the release's reported AU F1 (tuned on the evaluation labels: optimistic)
+# ------------------------------------------------------------------------------------------------
+
+#: The release's threshold candidates ``0.01, 0.02, ..., 0.99``.
+RELEASE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(1, 100))
+#: The release's vote half-widths ``K = 0 .. 7`` (windows ``W = 2K + 1``).
+RELEASE_VOTE_WINDOWS: tuple[int, ...] = tuple(range(8))
+
+
+def release_vote_fractions(vote_windows: Sequence[int] = RELEASE_VOTE_WINDOWS) -> tuple[float, ...]:
+    """Every vote count as a fraction: ``{r / W : K in vote_windows, W = 2K + 1, r = 1 .. W}``, sorted.
+
+    With :func:`facelayers.metrics.tuned_au_f1` (``count >= p * W``) these fractions are every
+    rule "at least ``r`` of the ``W`` frames" (the release's ``search_all_vote_requirements``).
+    """
+    return tuple(sorted({r / (2 * k + 1) for k in vote_windows for r in range(1, 2 * k + 2)}))
+
+
+def release_tuned_au_f1(probs: Tensor, target: Tensor, segment_ids: Tensor | None = None) -> dict[str, Any]:
+    """The released code's reported AU F1: one global threshold and segment-safe vote tuned on ``target``.
+
+    The release's evaluation (``ssm/evaluation/metrics.py`` -> ``ssm/evaluation/adaptive_vote.py``,
+    shipped configs: segment-safe, every vote requirement) searches a threshold in
+    :data:`RELEASE_THRESHOLDS`, a half-width in :data:`RELEASE_VOTE_WINDOWS` and every vote count,
+    votes inside each segment only, counts an undefined F1 as 0 and reports the best mean F1.
+    This is :func:`facelayers.metrics.tuned_au_f1` with those candidates (``zero_division=0``).
+    Chosen on the labels it scores, so it is **optimistic**: report it beside F1@0.5 under its
+    own name (``au_f1_tuned_release (optimistic)``), never instead of it.
+
+    Args:
+        probs: ``[N, M]`` probabilities of every evaluated frame, in temporal order within each segment.
+        target: ``[N, M]`` binary labels.
+        segment_ids: ``[N]`` integer segment of each row (a segment's rows consecutive); ``None``:
+            one segment.
+
+    Returns:
+        :func:`~facelayers.metrics.tuned_au_f1`'s dict (``mean``, ``per_au``, ``threshold``,
+        ``vote_window``, ``vote_fraction``, ``optimistic=True``, ``note``) plus ``vote_count``
+        (``r`` of the chosen rule "at least ``r`` of ``W`` frames").
+    """
+    from facelayers.metrics import tuned_au_f1
+
+    res = tuned_au_f1(probs, target, RELEASE_THRESHOLDS, vote_windows=RELEASE_VOTE_WINDOWS,
+                      vote_fractions=release_vote_fractions(), segment_ids=segment_ids, zero_division=0.0)
+    res["vote_count"] = math.ceil(float(res["vote_fraction"]) * (2 * int(res["vote_window"]) + 1) - 1e-9)
+    return res

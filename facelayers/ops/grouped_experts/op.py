@@ -515,13 +515,7 @@ def _check_triton_inputs(
 
 
 def grouped_expert_mlp_triton(
-    x: Tensor,
-    expert_idx: Tensor,
-    weights: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
+    x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     activation: str | Callable[[Tensor], Tensor] = "gelu",
 ) -> Tensor:
     """Mixture of expert MLPs with Triton grouped GEMMs (forward and backward).

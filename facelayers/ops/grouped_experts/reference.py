@@ -17,13 +17,7 @@ __all__ = ["grouped_expert_mlp_reference", "resolve_activation", "ACTIVATIONS"]
 
 
 def grouped_expert_mlp_reference(
-    x: Tensor,
-    expert_idx: Tensor,
-    weights: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
+    x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     activation: str | Callable[[Tensor], Tensor] = "gelu",
 ) -> Tensor:
     """Per-token loop: ``out[n] = sum_j weights[n, j] * expert_{expert_idx[n, j]}(x[n])``.

@@ -26,13 +26,7 @@ __all__ = ["grouped_expert_mlp_torch"]
 
 
 def grouped_expert_mlp_torch(
-    x: Tensor,
-    expert_idx: Tensor,
-    weights: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
+    x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     activation: str | Callable[[Tensor], Tensor] = "gelu",
 ) -> Tensor:
     """Sort-once grouped expert MLP (shapes and semantics: see ``grouped_expert_mlp``).
