@@ -7,7 +7,7 @@ on 2 CPU cores, evaluates it on held-out test data (model selection on a validat
 from the training data), writes a run folder and prints a summary table. With arguments it runs the
 paper's setup (ViT-B/16 weights, BP4D/DISFA + DFEW/FERV39K/MAFW). See ``docs/reference.md``.
 ``--recipe ssm_release`` trains the released code's model and training recipe instead (its loss,
-optimizer groups, schedule, EMA, clip mixup, router noise; ``docs/release_recipe.md``).
+optimizer groups, schedule, EMA, clip mixup, router noise; ``docs/release.md`` ("Training recipe")).
 
 The model is the library's (``facelayers.models.ssm``); this script is the recipe around it (CLI,
 data, training loop, evaluation, report). The model is assembled from its parts like this
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp-find-unused", action="store_true",
                    help="DDP find_unused_parameters=True instead of the zero-contribution trick")
     g.add_argument("--max-steps", type=pos_int, default=None, help="cap optimizer steps per epoch (debugging)")
-    g = p.add_argument_group("training recipe (docs/release_recipe.md)")
+    g = p.add_argument_group("training recipe (docs/release.md, section Training recipe)")
     g.add_argument("--recipe", choices=("paper", "ssm_release"), default="paper",
                    help="paper: the paper's training (default); ssm_release: the released code's model (release "
                         "preset from the backbone's weights) and training (its loss, optimizer groups, schedule, "
@@ -521,7 +521,7 @@ def compute_losses(out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam
 
 class RecipePieces:
     """The release recipe's pieces in the paper loop: ``--ema-decay``, ``--mixup-alpha``,
-    ``--loss-balance moving_mean`` (facelayers.training parts; docs/release_recipe.md)."""
+    ``--loss-balance moving_mean`` (facelayers.training parts; docs/release.md, "Training recipe")."""
 
     def __init__(self, args: argparse.Namespace, core: nn.Module, device: torch.device, rank: int = 0) -> None:
         from facelayers.training import ClipMixup, MovingMeanLossBalance, ParameterEMA

@@ -339,7 +339,7 @@ def au_code(au: int | str) -> int:
         TypeError: ``au`` is neither an int nor a string.
     """
     if isinstance(au, bool) or not isinstance(au, (int, str)):
-        raise TypeError(f"an AU must be an int code or a string like 'AU12', got {type(au).__name__}: {au!r}")
+        raise TypeError(f"an AU must be an int code or a string like 'AU12' (expected int or str, got {type(au).__name__}: {au!r})")
     code: int | None = None
     if isinstance(au, int):
         code = au
@@ -351,7 +351,7 @@ def au_code(au: int | str) -> int:
             code = int(text)
     if code is None or code not in AUS:
         hint = " (AU3 is not defined in FACS)" if code == 3 else ""
-        raise UnknownLabelError(f"unknown AU {au!r}{hint}; valid AUs are: {_valid_aus_text()}")
+        raise UnknownLabelError(f"unknown AU {au!r}{hint} (expected one of {_valid_aus_text()}, got {au!r})")
     return code
 
 
@@ -366,7 +366,7 @@ def _expression_name(name: str) -> str:
     key = name.strip().lower()
     if key not in EXPRESSIONS:
         raise UnknownLabelError(
-            f"unknown expression {name!r}; valid expressions are: {', '.join(EXPRESSIONS)}"
+            f"unknown expression {name!r} (expected one of {', '.join(EXPRESSIONS)}, got {name!r})"
         )
     return key
 
@@ -388,11 +388,11 @@ def check_vocabulary(items: Iterable, kind: str) -> tuple:
         raise TypeError(f"a {kind} vocabulary must be a sequence of entries, got the string {items!r}")
     norm = tuple(au_code(i) for i in items) if kind == "au" else tuple(_expression_name(i) for i in items)
     if not norm:
-        raise ValueError(f"the {kind} vocabulary is empty")
+        raise ValueError(f"the {kind} vocabulary is empty (expected at least one entry, got none)")
     seen: set = set()
     dups = [x for x in norm if x in seen or seen.add(x)]
     if dups:
-        raise ValueError(f"duplicate entries in the {kind} vocabulary: {sorted(set(dups), key=str)}; got {list(items)}")
+        raise ValueError(f"duplicate entries in the {kind} vocabulary: {sorted(set(dups), key=str)} (expected distinct entries, got {list(items)})")
     return norm
 
 
@@ -440,7 +440,7 @@ def au_descriptions(aus: Sequence[int | str], source: str = "table_s4") -> list[
     if source == "table_s4":
         return [AUS[c].name for c in codes]
     if source != "ssm_release":
-        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES}, got {source!r}")
+        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES} (expected one of {DESCRIPTION_SOURCES}, got {source!r})")
     missing = [c for c in codes if c not in _RELEASE_AU_TEXT]
     if missing:
         raise ValueError(
@@ -518,11 +518,11 @@ def expression_descriptions(
     """
     names = check_vocabulary(expressions, "expression")
     if style not in DESCRIPTION_STYLES:
-        raise ValueError(f"style must be one of {DESCRIPTION_STYLES}, got {style!r}")
+        raise ValueError(f"style must be one of {DESCRIPTION_STYLES} (expected one of {DESCRIPTION_STYLES}, got {style!r})")
     if source == "ssm_release":
         return _release_expression_descriptions(names, style, restrict_to, include_name, release_table)
     if source != "table_s4":
-        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES}, got {source!r}")
+        raise ValueError(f"source must be one of {DESCRIPTION_SOURCES} (expected one of {DESCRIPTION_SOURCES}, got {source!r})")
     if release_table is not None:
         raise ValueError(f"release_table applies to source='ssm_release' only, got source={source!r}")
     if style == "words":
@@ -659,7 +659,7 @@ def prior_matrix(
         rows = [[1.0 if a in EXPRESSIONS[n].aus else 0.0 for a in codes] for n in names]
         return torch.tensor(rows, dtype=dtype)
     if source != "ssm_release":
-        raise ValueError(f"source must be one of {PRIOR_SOURCES}, got {source!r}")
+        raise ValueError(f"source must be one of {PRIOR_SOURCES} (expected one of {PRIOR_SOURCES}, got {source!r})")
     if release_table is None:
         if set(codes) <= set(BP4D_AUS):
             au_ds = "bp4d"

@@ -58,7 +58,20 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def _make_parent(path: str) -> None:
+    """Create ``path``'s folder; a file in the way is a clear error, not ``FileExistsError``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise NotADirectoryError(f"{path}: cannot create its folder (expected {probe} to be a folder, got a file)")
+    os.makedirs(parent, exist_ok=True)
+
+
 def _atomic_write(path: str, write: Any) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder (expected a file path to write, got an existing folder)")
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
     try:
         write(tmp)
@@ -214,7 +227,7 @@ def save_module(module: nn.Module, path: str | os.PathLike, *, metadata: Mapping
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map str to str (expected str: str, got {k!r}: {type(v).__name__})")
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _make_parent(path)
     _atomic_write(path, lambda tmp: save_model(module, tmp, metadata=meta))
 
 

@@ -110,7 +110,7 @@ class CLIPTextTower(nn.Module):
     ) -> None:
         super().__init__()
         if pool_type not in _POOL_TYPES:
-            raise ValueError(f"pool_type must be one of {_POOL_TYPES}, got {pool_type!r}")
+            raise ValueError(f"pool_type must be one of {_POOL_TYPES} (expected one of {_POOL_TYPES}, got {pool_type!r})")
         if pool_type == "eos" and eos_id is None:
             raise ValueError("pool_type='eos' needs eos_id")
         if positional_embedding.ndim != 2:
@@ -302,7 +302,7 @@ class CLIPTextTower(nn.Module):
                 f"token_embeddings has L={length} positions but the context length is {self.context_length}"
             )
         if eot_index.shape != (k,):
-            raise ValueError(f"eot_index must have shape [K]=[{k}], got {tuple(eot_index.shape)}")
+            raise ValueError(f"eot_index has the wrong shape (expected shape [K]=[{k}], got {tuple(eot_index.shape)})")
         cast = self.cast_dtype
         pos = self.positional_embedding
         mask = self.attn_mask
@@ -353,9 +353,9 @@ class _PromptLearnerBase(nn.Module):
                  cache_in_eval: bool) -> None:
         super().__init__()
         if position not in PROMPT_POSITIONS:
-            raise ValueError(f"position must be one of {PROMPT_POSITIONS}, got {position!r}")
+            raise ValueError(f"position must be one of {PROMPT_POSITIONS} (expected one of {PROMPT_POSITIONS}, got {position!r})")
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+            raise ValueError(f"n_ctx must be an int >= 0 (expected an int >= 0, got {n_ctx!r})")
         self.tower = tower
         self.n_ctx = n_ctx
         self.class_specific = bool(class_specific)
@@ -783,7 +783,7 @@ class StoredPromptLearner(PromptLearner):
         """
         texts = facs.check_descriptions(descriptions)
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+            raise ValueError(f"n_ctx must be an int >= 0 (expected an int >= 0, got {n_ctx!r})")
         ids = cls.release_token_ids(tower, texts, n_ctx)
         weight = tower.token_embedding.weight
         factory = {

@@ -330,14 +330,17 @@ def test_bad_inputs_raise(change, error, match):
         op.grouped_expert_mlp_triton(**args)
 
 
-def _aot_compile_sm90(kernel, pointer_dtypes: dict, consts: dict, num_warps: int, num_stages: int):
+def _aot_compile_sm90(kernel, consts: dict, num_warps: int, num_stages: int):
     """Compile ``kernel`` ahead of time for sm_90 (no GPU needed), specialised like a runtime launch:
-    unit strides as constants, pointers and other strides 16-divisible."""
+    unit strides as constants, pointers and other strides 16-divisible; every pointer bf16 but the
+    routing tables (``idx_ptr`` int64 sorted slots, ``offsets_ptr`` int32 expert offsets)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(kernel.arg_names)
+    routing = {"idx_ptr": "i64", "offsets_ptr": "i32"}
+    pointer_dtypes = {p: routing.get(p, "bf16") for p in names if p.endswith("_ptr")}
     unit = [n for n in names if n.startswith("stride_") and n in consts]
     sig, attrs = {}, {}
     for i, name in enumerate(names):
@@ -366,35 +369,29 @@ def test_kernels_compile_for_sm90_without_gpu():
     if not isinstance(kernels.grouped_gemm_kernel, JITFunction):
         pytest.skip("TRITON_INTERPRET=1 was set when the kernels were imported: interpreter-only in this process")
     m, n, kk, w, s = op._CUDA_GEMM_TUNE[0]
-    ptrs = dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16", idx_ptr="i64", offsets_ptr="i32",
-                scale_ptr="bf16")
     consts = dict(stride_xk=1, stride_wn=1, stride_bn=1, stride_yn=1, GATHER=True, SCATTER=False, HAS_BIAS=True,
                   ROW_SCALE=True, ACC_DTYPE=tl.float32, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=m, BLOCK_N=n,
                   BLOCK_K=kk)
     try:
-        gemm = _aot_compile_sm90(kernels.grouped_gemm_kernel, ptrs, consts, w, s)
+        gemm = _aot_compile_sm90(kernels.grouped_gemm_kernel, consts, w, s)
     except Exception as exc:  # noqa: BLE001 - only a missing toolchain is a reason to skip
         if "ptxas" in str(exc).lower() or isinstance(exc, (FileNotFoundError, ImportError)):
             pytest.skip(f"no CUDA toolchain for ahead-of-time compilation: {exc}")
         raise
     kk, n, m, w, s = op._CUDA_WGRAD_TUNE[0]
-    ptrs = dict(x_ptr="bf16", dy_ptr="bf16", dw_ptr="bf16", db_ptr="bf16", idx_ptr="i64", offsets_ptr="i32",
-                scale_ptr="bf16")
     consts = dict(stride_xk=1, stride_dyn=1, stride_dwn=1, stride_dbn=1, X_GATHER=False, DY_GATHER=True, DY_SCALE=True,
                   HAS_BIAS=True, ACC_DTYPE=tl.float32, UPCAST=False, DOT_PRECISION="tf32", BLOCK_K=kk, BLOCK_N=n,
                   BLOCK_M=m)
-    wgrad = _aot_compile_sm90(kernels.grouped_weight_grad_kernel, ptrs, consts, w, s)
+    wgrad = _aot_compile_sm90(kernels.grouped_weight_grad_kernel, consts, w, s)
     compiled = {"grouped_gemm_kernel": gemm, "grouped_weight_grad_kernel": wgrad}
     for name, unit_strides in (("combine_kernel", ("stride_yd", "stride_od")),
                                ("combine_gate_grad_kernel", ("stride_od", "stride_yd"))):
         meta = dict(op._CUDA_META[name])
         warps = meta.pop("num_warps")
-        names = getattr(kernels, name).arg_names
-        ptrs = {p: "bf16" for p in names if p.endswith("_ptr")}
         consts = dict(meta, ACC_DTYPE=tl.float32, **{u: 1 for u in unit_strides})
         if name == "combine_kernel":
             consts["HAS_GATES"] = True
-        compiled[name] = _aot_compile_sm90(getattr(kernels, name), ptrs, consts, warps, 1)
+        compiled[name] = _aot_compile_sm90(getattr(kernels, name), consts, warps, 1)
     smem_limit = 232448  # bytes of shared memory per block on sm_90
     for name, compiled in compiled.items():
         assert "cubin" in compiled.asm, f"{name}: no cubin produced"

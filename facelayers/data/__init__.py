@@ -9,6 +9,7 @@ from .datasets import (
     IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, AUClipDataset, AUWindow, ExpressionClipDataset,
     FrameCountMismatchError, au_windows, decode_video_frames, list_frame_files, load_frame,
     natural_sort_key, read_video_frames, segment_indices, split_runs, video_frame_count,
+    full_windows, release_segment_indices, WindowPlanner, FrameSampler,
 )
 from .loader import HeterogeneousLoader, fraction_indices, fraction_subset, subject_split
 from .manifests import (
@@ -25,6 +26,7 @@ from .transforms import (
 from .validate import ISSUE_KINDS, ManifestValidationError, ValidationIssue, ValidationReport, validate_manifest
 
 __all__ = [
+    "full_windows", "release_segment_indices", "WindowPlanner", "FrameSampler",
     "decode_video_frames", "video_frame_count", "load_frame_uint8", "FrameSizeMismatchError",
     "FrameSource", "FAST_PATH_ATOL", "DRAFT_MEAN_ATOL", "JPEG_DRAFT_MARGIN", "AURecord",
     "AUClipDataset", "AUWindow", "CLIP_MEAN", "CLIP_STD", "ClipCenterCrop", "ClipColorJitter",

@@ -23,7 +23,7 @@ __all__ = ["HeterogeneousLoader", "fraction_indices", "fraction_subset", "subjec
 
 def _check_fraction(fraction: float, name: str) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {fraction!r}")
+        raise ValueError(f"{name} must be a number in (0, 1] (expected 0 < {name} <= 1, got {fraction!r})")
     return float(fraction)
 
 
@@ -48,7 +48,7 @@ def fraction_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset
     if fraction == 1.0:
         return dataset
     if not isinstance(dataset, Sized):
-        raise TypeError(f"fraction_subset needs a dataset with len(), got {type(dataset).__name__}")
+        raise TypeError(f"fraction_subset needs a dataset with len() (expected a sized dataset, got {type(dataset).__name__})")
     return Subset(dataset, fraction_indices(len(dataset), fraction, seed))
 
 
@@ -84,7 +84,7 @@ def subject_split(
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be a number in (0, 1) (expected e.g. 0.15, got {val_fraction!r})")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        raise TypeError(f"seed must be an int (expected int, got {type(seed).__name__} {seed!r})")
     records = list(records)
     groups = group_by_subject(records, format)
     subjects = list(groups)
@@ -101,7 +101,7 @@ def subject_split(
 def _rebuild_with_subset(loader: DataLoader, fraction: float, seed: int, side: str) -> DataLoader:
     """Same DataLoader settings over a fraction of its dataset; the sampler is rebuilt to match."""
     if not isinstance(loader, DataLoader):
-        raise TypeError(f"{side}_fraction < 1 needs a torch DataLoader for {side}_loader, got {type(loader).__name__}")
+        raise TypeError(f"{side}_fraction < 1 needs a torch DataLoader for {side}_loader (expected DataLoader, got {type(loader).__name__})")
     if loader.batch_size is None:
         raise ValueError(
             f"{side}_fraction < 1 cannot rebuild a DataLoader with a custom batch_sampler; "
@@ -198,9 +198,9 @@ class HeterogeneousLoader:
             au_loader = _rebuild_with_subset(au_loader, self.au_fraction, self.seed, "au")
         for side, ld in (("exp_loader", exp_loader), ("au_loader", au_loader)):
             if not isinstance(ld, Sized):
-                raise TypeError(f"{side} must have a length (len()), got {type(ld).__name__}")
+                raise TypeError(f"{side} must have a length (expected an object with len(), got {type(ld).__name__})")
             if len(ld) == 0:
-                raise ValueError(f"{side} yields no batches (len 0); check its dataset, batch_size and drop_last")
+                raise ValueError(f"{side} yields no batches; check its dataset, batch_size and drop_last (expected len >= 1, got len 0)")
         self.exp_loader = exp_loader
         self.au_loader = au_loader
         self.epoch = 0
@@ -211,7 +211,7 @@ class HeterogeneousLoader:
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (later iterations continue from it)."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise ValueError(f"epoch must be >= 0 (expected an int >= 0, got {epoch})")
         self.epoch = int(epoch)
 
     def passes_per_epoch(self) -> tuple[int, int]:

@@ -198,7 +198,7 @@ def get_format(format: str) -> ManifestFormat:
         raise TypeError(f"format must be a str (expected one of {sorted(FORMATS)}, got {type(format).__name__})")
     key = format.lower()
     if key not in FORMATS:
-        raise KeyError(f"unknown manifest format {format!r}; expected one of {sorted(FORMATS)}")
+        raise KeyError(f"unknown manifest format {format!r} (expected one of {sorted(FORMATS)}, got {format!r})")
     return FORMATS[key]
 
 
@@ -850,5 +850,5 @@ def get_split(dataset: str, fold: int | None, subset: str, numbering: str = "ssm
     key = Split(fmt.name, fold, subset, "", numbering).id  # type: ignore[arg-type]
     if key not in SPLITS:
         valid = sorted({(s.fold, s.subset) for s in SPLITS.values() if s.dataset == fmt.name and s.numbering == numbering}, key=str)
-        raise KeyError(f"no split {key!r}; {fmt.name} has (fold, subset) in {valid} under numbering {numbering!r}")
+        raise KeyError(f"no split {key!r} (expected (fold, subset) in {valid} for {fmt.name} under numbering {numbering!r}, got ({fold!r}, {subset!r}))")
     return SPLITS[key]

@@ -7,10 +7,10 @@ geometry and photometry. Passing a seeded generator makes the draw reproducible.
 
 Presets follow the paper (Sec. IV-B: "random cropping, random erasing, horizontal flipping, and
 color jittering", 224x224 faces, CLIP encoder); magnitudes the paper leaves open are those of the
-released SSM code (crop scale 0.8-1.0 and ratio 0.9-1.1 and erasing p=0.3 of its AU branches,
-brightness 0.5 of its DFEW branch). The release normalises MAFW and DISFA with ImageNet
-statistics and everything else with (rounded) CLIP statistics; here every preset uses the exact
-OpenAI CLIP mean/std by default (pass ``mean=``/``std=`` to change it).
+released SSM code (crop scale 0.8-1.0 and ratio 0.9-1.1 of its AU branches, brightness 0.5 of its
+DFEW branch); random erasing (p=0.3) is the paper's, the release uses none (``erase_p=0``). Like the
+release, every preset normalises with the full-precision OpenAI CLIP mean/std (pass
+``mean=``/``std=`` to change it).
 
 torchvision ``transforms.v2`` transforms called on a ``[T, C, H, W]`` tensor also draw once per
 call, so they can be used in :class:`ClipCompose` as well (they ignore the generator).

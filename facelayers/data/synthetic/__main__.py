@@ -23,6 +23,14 @@ MAX_FIGURE_IMAGE_SIZE = 512
 _FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
+def _positive_int(text: str) -> int:
+    """A positive integer (below 2**63)."""
+    try:
+        return cli.positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
 def _figure_size(text: str) -> int:
     try:
         v = cli.positive_int(text)
@@ -72,14 +80,14 @@ def _pretrain(argv: list[str]) -> int:
     p.add_argument("--out", required=True, type=_safetensors_path,
                    help="output .safetensors file (a .json with the recipe goes beside it)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=d.seed)
-    p.add_argument("--steps", type=cli.positive_int, default=d.steps)
-    p.add_argument("--batch", type=cli.positive_int, default=d.batch_size, help="images (and captions) per step (>= 2)")
+    p.add_argument("--steps", type=_positive_int, default=d.steps)
+    p.add_argument("--batch", type=_positive_int, default=d.batch_size, help="images (and captions) per step (>= 2)")
     p.add_argument("--lr", type=cli.positive_float, default=d.lr)
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=d.weight_decay)
     p.add_argument("--warmup", type=cli.nonnegative_int, default=d.warmup)
-    p.add_argument("--subjects", type=cli.positive_int, default=d.num_subjects, help="rendered identities")
+    p.add_argument("--subjects", type=_positive_int, default=d.num_subjects, help="rendered identities")
     p.add_argument("--subset-p", type=_unit_closed, default=d.subset_p, help="share of captions naming a subset of the AUs")
-    p.add_argument("--threads", type=cli.positive_int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads for training (default 1: on a busy 2-core machine 2 threads ran 5x slower)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation on the benchmark's test data")

@@ -32,6 +32,11 @@ from .release import (
     convert_release_checkpoint, infer_release_architecture, is_release_checkpoint, load_release_model,
     release_outputs, save_release_model,
 )
+from .release_recipe import (
+    ReleaseLoss, ReleaseObjective, ReleaseRecipe, ReleaseRecipeConfig, freeze_text_towers_,
+    release_model_from_clip, release_optimizer, release_param_groups, release_scheduler,
+    release_train_step, release_tuned_au_f1, set_router_noise_,
+)
 from .release_checkpoint import (
     CheckpointFormatError, UnsafeCheckpointError, load_release_checkpoint, release_state_dict,
 )
@@ -50,4 +55,8 @@ __all__ = [
     "convert_release_checkpoint", "infer_release_architecture", "is_release_checkpoint",
     "load_release_model", "release_outputs", "save_release_model", "CheckpointFormatError",
     "UnsafeCheckpointError", "load_release_checkpoint", "release_state_dict",
+    # the release's training recipe (docs/release.md, "Training recipe")
+    "ReleaseLoss", "ReleaseObjective", "ReleaseRecipe", "ReleaseRecipeConfig", "freeze_text_towers_",
+    "release_model_from_clip", "release_optimizer", "release_param_groups", "release_scheduler",
+    "release_train_step", "release_tuned_au_f1", "set_router_noise_",
 ]

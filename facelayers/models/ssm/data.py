@@ -6,7 +6,7 @@ parsed by each dataset's convention, so it is subject-independent like the test 
 expression clips.
 
 Data choices (each an argument of :func:`build_datasets`; the released code's are what
-``--recipe ssm_release`` selects, see ``docs/release_recipe.md``):
+``--recipe ssm_release`` selects, see ``docs/release.md`` ("Training recipe")):
 
 * ``au_train_windows``: ``"padded"`` (default: windows every ``stride`` frames over every frame,
   short runs and the last window of a run edge-padded; real data: randomly shifted in training)
