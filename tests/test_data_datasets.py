@@ -189,18 +189,23 @@ def test_expression_dataset_from_manifest_and_transform(tmp_path):
         ExpressionClipDataset.from_manifest(tmp_path / "m.txt", "bp4d", tmp_path)
 
 
-def test_expression_video_file(tmp_path):
+def _write_mp4(path, colours, gop_size: int | None = None) -> None:
+    """A 16x16 MPEG-4 file, one frame per RGB colour in ``colours``."""
     av = pytest.importorskip("av")
-    path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        for i in range(12):
-            img = Image.new("RGB", (16, 16), (20 * i, 20 * i, 20 * i))
-            for packet in stream.encode(av.VideoFrame.from_image(img)):
+        if gop_size is not None:
+            stream.codec_context.gop_size = gop_size
+        for rgb in colours:
+            for packet in stream.encode(av.VideoFrame.from_image(Image.new("RGB", (16, 16), rgb))):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def test_expression_video_file(tmp_path):
+    _write_mp4(tmp_path / "clip.mp4", [(20 * i, 20 * i, 20 * i) for i in range(12)])
     item = ExpressionClipDataset([ExpressionRecord("clip.mp4", 12, 3)], tmp_path, num_frames=4)[0]
     assert item["clip"].shape == (4, 3, 16, 16)
     grey = item["clip"].mean(dim=(1, 2, 3)) * 255 / 20  # ~ frame number
@@ -419,18 +424,7 @@ def test_au_fast_decode_matches_reference_and_reports_size_mismatch(tmp_path):
 
 
 def test_expression_video_fast_decode_matches_reference(tmp_path):
-    av = pytest.importorskip("av")
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        stream.codec_context.gop_size = 5
-        for i in range(30):
-            img = Image.new("RGB", (16, 16), (8 * i, 4 * i, 255 - 8 * i))
-            for packet in stream.encode(av.VideoFrame.from_image(img)):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    _write_mp4(tmp_path / "clip.mp4", [(8 * i, 4 * i, 255 - 8 * i) for i in range(30)], gop_size=5)
     rec = [ExpressionRecord("clip.mp4", 30, 1)]
     for train in (False, True):
         fast = ExpressionClipDataset(rec, tmp_path, num_frames=6, train=train, seed=2)

@@ -21,21 +21,9 @@ from PIL import Image
 from facelayers.data import load_frame, read_video_frames
 from facelayers.data.datasets import decode_video_frames, video_frame_count
 from facelayers.data.transforms import (
-    CLIP_STD,
-    DRAFT_MEAN_ATOL,
-    FAST_PATH_ATOL,
-    ClipCenterCrop,
-    ClipColorJitter,
-    ClipCompose,
-    ClipNormalize,
-    ClipRandomErasing,
-    ClipRandomHorizontalFlip,
-    ClipRandomResizedCrop,
-    ClipResize,
-    FrameSizeMismatchError,
-    eval_transform,
-    load_frame_uint8,
-    train_transform,
+    CLIP_STD, DRAFT_MEAN_ATOL, FAST_PATH_ATOL, ClipCenterCrop, ClipColorJitter, ClipCompose,
+    ClipNormalize, ClipRandomErasing, ClipRandomHorizontalFlip, ClipRandomResizedCrop, ClipResize,
+    FrameSizeMismatchError, eval_transform, load_frame_uint8, train_transform,
 )
 
 # ---------------------------------------------------------------------------------------------

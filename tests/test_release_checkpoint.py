@@ -233,28 +233,22 @@ def _raw_pickle(body: bytes) -> bytes:
     return b"\x80\x02" + body + b"."
 
 
-def test_state_of_other_objects_cannot_be_set(tmp_path):
-    # torch.Size(()) then BUILD {"x": 1}: refused (only arrays, dtypes, OrderedDict and the stand-in)
-    body = b"ctorch\nSize\n)\x85R}X\x01\x00\x00\x00xK\x01sb"
-    path = tmp_path / "build.pth"
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # torch.Size(()) then BUILD {"x": 1}: refused (only arrays, dtypes, OrderedDict and the stand-in)
+        pytest.param(b"ctorch\nSize\n)\x85R}X\x01\x00\x00\x00xK\x01sb", "refusing to set the state of a Size",
+                     id="state-of-other-objects"),
+        pytest.param(b"ccollections\nOrderedDict\n)R}K\x01K\x02sb", "OrderedDict state",
+                     id="ordered-dict-state-must-be-attribute-names"),
+        pytest.param(b"c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R", "latin1",
+                     id="codecs-encode-only-latin1"),
+    ],
+)
+def test_crafted_pickle_opcodes_are_refused(tmp_path, body, message):
+    path = tmp_path / "crafted.pth"
     path.write_bytes(_raw_pickle(body))
-    with pytest.raises(UnsafeCheckpointError, match="refusing to set the state of a Size"):
-        load_release_checkpoint(path)
-
-
-def test_ordered_dict_state_must_be_attribute_names(tmp_path):
-    body = b"ccollections\nOrderedDict\n)R}K\x01K\x02sb"
-    path = tmp_path / "od.pth"
-    path.write_bytes(_raw_pickle(body))
-    with pytest.raises(UnsafeCheckpointError, match="OrderedDict state"):
-        load_release_checkpoint(path)
-
-
-def test_codecs_encode_only_latin1(tmp_path):
-    body = b"c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R"
-    path = tmp_path / "codec.pth"
-    path.write_bytes(_raw_pickle(body))
-    with pytest.raises(UnsafeCheckpointError, match="latin1"):
+    with pytest.raises(UnsafeCheckpointError, match=message):
         load_release_checkpoint(path)
 
 

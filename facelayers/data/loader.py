@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from .manifests import AURecord, group_by_subject
 
-__all__ = ["HeterogeneousLoader", "fraction_indices", "fraction_subset", "subject_split"]
+__all__ = ["HeterogeneousLoader", "fraction_indices", "fraction_subset", "few_shot_indices", "without_classes_indices",
+           "subject_split"]
 
 
 def _check_fraction(fraction: float, name: str) -> float:
@@ -50,6 +51,78 @@ def fraction_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset
     if not isinstance(dataset, Sized):
         raise TypeError(f"fraction_subset needs a dataset with len() (expected a sized dataset, got {type(dataset).__name__})")
     return Subset(dataset, fraction_indices(len(dataset), fraction, seed))
+
+
+def _int_labels(labels: Any) -> list[int]:
+    if torch.is_tensor(labels):
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be a 1-D integer tensor (expected shape [N] int, got shape "
+                             f"{tuple(labels.shape)} {labels.dtype})")
+        return [int(v) for v in labels.tolist()]
+    out = []
+    for v in labels:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"labels must be integers (expected int class ids, got {type(v).__name__} {v!r})")
+        out.append(int(v))
+    return out
+
+
+def few_shot_indices(labels: Any, k: int, seed: int = 0, *, classes: Iterable[int] | None = None) -> list[int]:
+    """Deterministic k-shot subset: ``k`` items of each class, sorted.
+
+    For each class (ascending id) the items are drawn with one seeded permutation
+    (``torch.randperm`` with ``seed + class id``), so the draw depends only on
+    ``(labels, k, seed)`` and, for one seed, a smaller ``k`` keeps a subset of a larger one.
+
+    Args:
+        labels: ``[N]`` integer class ids of the items (a tensor or a sequence of ints).
+        k: Items per class, >= 1.
+        seed: Seed of the draw.
+        classes: Class ids that must each get ``k`` items (default: every class present in
+            ``labels``); items of other classes are not drawn.
+
+    Returns:
+        The chosen item indices, ascending (``k * len(classes)`` of them).
+
+    Raises:
+        ValueError: ``k < 1``, non-integer labels, or a class with fewer than ``k`` items
+            (naming the class and its count).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 (expected items per class >= 1, got {k!r})")
+    labels = _int_labels(labels)
+    wanted = sorted(set(labels)) if classes is None else sorted({int(c) for c in classes})
+    if not wanted:
+        raise ValueError("few_shot_indices: no class to draw from (expected at least one labelled item, got none)")
+    by_class: dict[int, list[int]] = {c: [] for c in wanted}
+    for i, c in enumerate(labels):
+        if c in by_class:
+            by_class[c].append(i)
+    short = {c: len(v) for c, v in by_class.items() if len(v) < k}
+    if short:
+        raise ValueError(f"few_shot_indices: {len(short)} class(es) have fewer than k={k} items (expected >= {k} per "
+                         f"class, got {short} as class id: count)")
+    out: list[int] = []
+    for c, idx in by_class.items():
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(seed) + c)).tolist()
+        out += [idx[j] for j in perm[:k]]
+    return sorted(out)
+
+
+def without_classes_indices(labels: Any, exclude: Iterable[int]) -> list[int]:
+    """Indices of the items whose class is not in ``exclude`` (ascending), e.g. the training clips
+    of the seen classes in an unseen-class setting.
+
+    Raises:
+        ValueError: non-integer labels, or nothing left (expected at least one item of another class).
+    """
+    labels = _int_labels(labels)
+    drop = {int(c) for c in exclude}
+    keep = [i for i, c in enumerate(labels) if c not in drop]
+    if labels and not keep:
+        raise ValueError(f"without_classes_indices: every item is of an excluded class (expected at least one item of "
+                         f"a class other than {sorted(drop)}, got none of {len(labels)})")
+    return keep
 
 
 def subject_split(
