@@ -34,7 +34,10 @@ Outputs in ``--out`` (with ``--all-faces``: in ``--out/face{id}/``, id 0 = the m
 * ``expression_probs.csv``: one row per sliding window (``start``, ``end``, ``start_s``, ``end_s``,
   with face detection ``face_frames`` (how many of the ``T`` sampled frames have the face; the
   probabilities are empty when none has), one probability column per expression, ``top``): ``T``
-  frames sampled at segment centres of each ``--window``-frame window, every ``--stride`` frames.
+  frames sampled at segment centres of each ``--window``-frame window, every ``--stride`` frames
+  (``--stride`` larger than the window is an error: frames would get no prediction). A window
+  longer than the video is one window over the whole video, and a video shorter than ``T``
+  repeats frames to fill it; a note on stderr says so when it happens.
 * ``au_timeline.png``: the AU probabilities over time (needs matplotlib); frames without a face
   are gaps.
 * with face detection: ``faces.csv`` (the face columns, one row per frame) and ``face_crops.png``
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video file or folder of frame images (raw: faces are detected; or already face-cropped)")
     p.add_argument("--out", type=cli.output_folder, default="predictions", help="output folder")
     p.add_argument("--window", type=cli.positive_int, default=None, help="expression window in frames (default 2T)")
-    p.add_argument("--stride", type=cli.positive_int, default=None, help="expression window step (default window/2)")
+    p.add_argument("--stride", type=cli.positive_int, default=None, help="expression window step, at most the window (default window/2)")
     p.add_argument("--fps", type=cli.positive_float, default=None,
                    help="frame rate for the time columns (default: from the video)")
     p.add_argument("--batch", type=cli.positive_int, default=64, help="frames / windows per forward")
@@ -147,6 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return p
+
+
+def _check_window_args(args: argparse.Namespace) -> None:
+    """``--stride`` larger than ``--window`` (both given) would leave frames without an expression
+    prediction: refused before anything is loaded."""
+    if args.window is not None and args.stride is not None and args.stride > args.window:
+        raise cli.UsageError(f"--stride: larger than --window leaves frames without a window "
+                             f"(expected stride <= {args.window}, got {args.stride})")
+
+
+def plan_windows(args: argparse.Namespace, tasks: Sequence[str], num_frames: int,
+                 n: int) -> tuple[int | None, int | None, list[str]]:
+    """The expression ``(window, stride, notes)`` for a video of ``n`` frames and a
+    ``num_frames``-frame model (``None, None, []`` without the expression task); ``notes`` (printed
+    on stderr once the input is known to be usable) state the two short-video rules of
+    ``expression_windows`` when they apply (one window over the whole video; frames repeated).
+
+    Raises:
+        UsageError: ``--window`` / ``--stride`` given for a model without the expression task, or
+            a stride larger than the (default) window.
+    """
+    if "exp" not in tasks:
+        for flag, v in (("--window", args.window), ("--stride", args.stride)):
+            if v is not None:
+                raise cli.UsageError(f"{flag}: has no effect for a model without the expression task "
+                                     f"(expected a model with tasks including exp, got tasks {' '.join(tasks)})")
+        return None, None, []
+    window = args.window or 2 * num_frames
+    stride = args.stride or max(1, window // 2)
+    if stride > window:
+        raise cli.UsageError(f"--stride: larger than the window ({window} frames = 2 T by default) leaves frames "
+                             f"without a window (expected stride <= {window}, got {stride})")
+    notes = []
+    if window > n:
+        notes.append(f"note: the expression window ({window} frames) is longer than the video ({n} frames): "
+                     f"one window covers the whole video")
+    if min(window, n) < num_frames:
+        notes.append(f"note: the video has {n} frame(s), fewer than the model's T = {num_frames}: frames are "
+                     f"repeated to fill each window")
+    return window, stride, notes
 
 
 def _check_face_args(args: argparse.Namespace) -> None:
@@ -182,6 +225,7 @@ def decide_face_detection(args: argparse.Namespace, frames: torch.Tensor,
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    _check_window_args(args)
     _check_face_args(args)
     folder, name = resolve_checkpoint(args.checkpoint)
     if not is_release_checkpoint(folder, name):  # a converted released model is checked by its own loader
@@ -190,11 +234,14 @@ def _main(argv: list[str]) -> int:
     model = load_model(folder, name, device=args.device)  # shapes and finite values checked here
     fps = args.fps or fps
     cfg = model.cfg
+    window, stride, notes = plan_windows(args, model.tasks, cfg.num_frames, frames.shape[0])
     detect, why, detector = decide_face_detection(args, frames, cfg.image_size)
     if not detect:
         if args.detect_faces is None:
             print(f"note: face detection off ({why}; --detect-faces to force it)", file=sys.stderr)
-        res = predict_video(model, frames, window=args.window, stride=args.stride, batch=args.batch, device=args.device)
+        for note in notes:
+            print(note, file=sys.stderr)
+        res = predict_video(model, frames, window=window, stride=stride, batch=args.batch, device=args.device)
         for path in write_outputs(res, cfg, args.out, fps, plot=not args.no_plot):
             print(path)
         return 0
@@ -205,9 +252,11 @@ def _main(argv: list[str]) -> int:
     except face_stage.NoFaceError as err:
         hint = "; if it is already a face crop, run with --no-detect-faces" if args.detect_faces is None and not args.all_faces else ""
         raise face_stage.NoFaceError(f"{args.video}: {err}{hint}") from None
+    for note in notes:
+        print(note, file=sys.stderr)
     for track in tracks:
         out = os.path.join(args.out, f"face{track.track_id}") if args.all_faces else args.out
-        res = predict_video(model, track.crops, window=args.window, stride=args.stride, batch=args.batch,
+        res = predict_video(model, track.crops, window=window, stride=stride, batch=args.batch,
                             device=args.device, present=track.present)
         print(f"note: face {track.track_id} found in {int(track.present.sum())} of {track.num_frames} frames",
               file=sys.stderr)

@@ -92,6 +92,8 @@ def assemble_model(cfg: ModelConfig, clip: nn.Module, router_layer: Any = None) 
 
 PAPER_LR_VISUAL = 1e-6
 PAPER_LR = 1e-4
+#: The tiny backbones (default tiny shape, CPU-sized defaults): random init and the shipped FACS-pretrained one.
+TINY_BACKBONES = ("tiny", "tiny-facs")
 
 
 def tiny_spec(text: str) -> str:
@@ -178,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default="ssm", help="stl: one task, plain CLIP + linear head; "
                    "baseline: joint MoE + linear heads (Table V row 1); ssm: full model")
     g.add_argument("--task", choices=("exp", "au"), default="exp", help="task of --mode stl")
-    g.add_argument("--backbone", default="tiny", help="'tiny' (random init) or an open_clip name, e.g. ViT-B-16")
+    g.add_argument("--backbone", default="tiny", help="'tiny' (random init), 'tiny-facs' (the tiny CLIP pretrained on "
+                   "synthetic FACS captions, shipped with facelayers) or an open_clip name, e.g. ViT-B-16")
     g.add_argument("--pretrained", default=None, help="local checkpoint file or open_clip tag (e.g. openai)")
     g.add_argument("--tiny", type=tiny_spec, default=None, metavar="IMG,PATCH,WIDTH,LAYERS",
                    help="shape of the tiny backbone, e.g. 32,8,64,2 (default: facelayers.models.ssm.TINY_CLIP)")
@@ -246,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-erasing probability of the real-data training transform (default 0.3, ssm_release 0; "
                         "the synthetic training transform never erases)")
     g.add_argument("--workers", type=nonneg_int, default=0)
+    g = p.add_argument_group("transfer settings (docs/reference.md, section Transfer settings)")
+    g.add_argument("--exp-shots", type=pos_int, default=None, metavar="K",
+                   help="few-shot expressions: K training clips per (seen) class, drawn from the training split with "
+                        "--data-seed (validation and test unchanged)")
+    g.add_argument("--unseen-classes", default=None, metavar="NAME,NAME",
+                   help="unseen expression classes: their clips are dropped from training and validation, the test "
+                        "split keeps every class; e.g. --exp-dataset mafw --unseen-classes "
+                        "contempt,anxiety,helplessness,disappointment (metrics report them separately: exp_unseen)")
+    g.add_argument("--freeze-visual", action="store_true",
+                   help="freeze the backbone's vision weights (MoE shared experts included; the new MoE parts, "
+                        "temporal heads, prompts, mapping and heads still train)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos_int, default=None, help="(default 14 tiny / 30 paper)")
     g.add_argument("--batch-exp", type=pos_int, default=None, help="expression clips per step (paper 12)")
@@ -309,7 +323,7 @@ class Defaults:
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the backbone-dependent defaults (tiny random-init vs pretrained paper config)."""
-    if args.backbone == "tiny":
+    if args.backbone in TINY_BACKBONES:
         d = Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
                      lr=1e-3, lr_visual=1e-3, milestones=[11])
         if args.quick:
@@ -321,7 +335,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if args.quick:
             d.epochs, d.batch_exp, d.batch_au, d.milestones = 1, 2, 2, []
     release = getattr(args, "recipe", "paper") == "ssm_release"
-    if release and args.backbone != "tiny":  # the release's schedule and batches (configs/*.json)
+    if release and args.backbone not in TINY_BACKBONES:  # the release's schedule and batches (configs/*.json)
         d.batch_au = 8 if not args.quick else d.batch_au
         d.milestones = [15, 25] if not args.quick else d.milestones
     for k, v in vars(d).items():
@@ -459,6 +473,53 @@ def build_data(args: argparse.Namespace, dd: Dist) -> Any:
     if key not in _DATASET_CACHE:
         _DATASET_CACHE[key] = ssm_data.build_datasets(**kw)
     return _DATASET_CACHE[key]
+
+
+def unseen_names(args: argparse.Namespace) -> list[str]:
+    """The class names of ``--unseen-classes`` (``[]`` without it)."""
+    return [n.strip() for n in args.unseen_classes.split(",")] if args.unseen_classes else []
+
+
+def transfer_data(data: Any, args: argparse.Namespace) -> Any:
+    """``--exp-shots`` / ``--unseen-classes`` applied to the expression training (and, for unseen
+    classes, validation) data: :func:`facelayers.models.ssm.data.apply_transfer_settings`, the
+    shots drawn with ``--data-seed`` (the same shots for every ``--seed``)."""
+    if args.exp_shots is None and not args.unseen_classes:
+        return data
+    try:
+        return ssm_data.apply_transfer_settings(data, exp_shots=args.exp_shots, unseen_classes=unseen_names(args),
+                                                seed=args.data_seed)
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
+
+
+def unseen_class_metrics(confusion: Any, expressions: Sequence[str], unseen: Sequence[str]) -> dict[str, Any]:
+    """Test metrics of the unseen expression classes, from the test confusion matrix (rows = true
+    class): their mean recall (``uar``), the share of their clips classified correctly
+    (``accuracy``), per-class recall, the share of their clips given *some* unseen class
+    (``predicted_unseen``), the seen classes' UAR and the harmonic mean of both UARs (``h``, the
+    usual generalised zero-shot summary). Classes without test clips are left out of the means."""
+    cm = torch.as_tensor(confusion, dtype=torch.float64)
+    u = [list(expressions).index(n) for n in unseen]
+    s_ = [c for c in range(len(expressions)) if c not in u]
+    support = cm.sum(1)
+    recall = torch.where(support > 0, cm.diagonal() / support.clamp_min(1), torch.full_like(support, float("nan")))
+
+    def mean(ids: list[int]) -> float | None:
+        vals = [float(recall[c]) for c in ids if support[c] > 0]
+        return sum(vals) / len(vals) if vals else None
+
+    n_u = float(support[u].sum())
+    uar_u, uar_s = mean(u), mean(s_)
+    return {
+        "classes": list(unseen), "n": int(n_u), "uar": uar_u,
+        "accuracy": float(cm.diagonal()[u].sum() / n_u) if n_u else None,
+        "recall": {expressions[c]: (float(recall[c]) if support[c] > 0 else None) for c in u},
+        "predicted_unseen": float(cm[u][:, u].sum() / n_u) if n_u else None,
+        "seen_uar": uar_s,
+        "h": (None if uar_u is None or uar_s is None
+              else 2 * uar_u * uar_s / (uar_u + uar_s) if uar_u + uar_s > 0 else 0.0),
+    }
 
 
 def make_train_loader(ds: Any, batch: int, dd: Dist, seed: int, workers: int) -> tuple[Any, Any]:
@@ -876,6 +937,15 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
     if "exp" in test:
         lines.append(f"{'expression UAR':<{w}}{100 * test['exp']['uar']:>10.2f}{100 * chance['uar']:>10.2f}")
         lines.append(f"{'expression WAR':<{w}}{100 * test['exp']['war']:>10.2f}{'':>10}")
+    unseen = test.get("exp_unseen")
+    if unseen is not None:
+        def pct(v: float | None) -> str:
+            return f"{100 * v:>10.2f}" if v is not None else f"{'n/a':>10}"
+
+        k = len(cfg.expressions)
+        lines.append(f"{'unseen-class UAR':<{w}}{pct(unseen['uar'])}{100 / k:>10.2f}")
+        lines.append(f"{'unseen-class accuracy':<{w}}{pct(unseen['accuracy'])}{'':>10}")
+        lines.append(f"{'seen-class UAR':<{w}}{pct(unseen['seen_uar'])}{100 / k:>10.2f}")
     if "au" in test:
         ch = chance.get("au_f1_all_positive")
         lines.append(f"{'AU F1@0.5 (mean)':<{w}}{100 * test['au']['f1_mean']:>10.2f}"
@@ -887,6 +957,8 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
         for k, v in test["au"]["f1_per_au"].items():
             lines.append(f"{'  F1 ' + k:<{w}}{('%10.2f' % (100 * v)) if v is not None else '       n/a'}")
     lines.append("(chance: UAR = 1/K; AU F1 = predicting every AU active; AUC = 50)")
+    if unseen is not None:
+        lines.append(f"unseen classes (no training clip): {', '.join(unseen['classes'])}")
     if tuned is not None:
         lines.append(f"{tuned['name']}: the released code's AU F1, threshold {tuned['threshold']:g} and vote "
                      f"(>= {tuned['vote_count']} of {2 * tuned['vote_window'] + 1} frames, within each of "
@@ -1028,7 +1100,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     dd = setup_distributed(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and args.backbone == "tiny":
+    elif device.type == "cpu" and args.backbone in TINY_BACKBONES:
         torch.set_num_threads(1)
     elif dd.enabled and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dd.world))
@@ -1036,17 +1108,17 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     # backbone first: it fixes the image size the data must be rendered at
     clip = build_backbone(args.backbone, args.pretrained, clip_kwargs=tiny_kwargs(args))
-    if args.backbone != "tiny" and not args.pretrained and dd.main:
+    if args.backbone not in TINY_BACKBONES and not args.pretrained and dd.main:
         print(f"warning: --backbone {args.backbone} without --pretrained: random init (pass a checkpoint file "
               "or an open_clip tag to reproduce the paper)", file=sys.stderr)
     img = clip.visual.image_size
     args.image_size = int(img[0] if isinstance(img, (tuple, list)) else img)
     t_data = time.time()
-    data = build_data(args, dd)
+    data = transfer_data(build_data(args, dd), args)
     t_data = time.time() - t_data
     cfg = model_config(args, data.expressions, data.aus)
     seed_everything(args.seed)  # model init independent of how much randomness data building used
-    if cfg.backbone == "tiny" and cfg.clip_kwargs is None:
+    if cfg.backbone in TINY_BACKBONES and cfg.clip_kwargs is None:
         cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
     cfg.image_size = args.image_size
     dropper = None
@@ -1069,6 +1141,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if core.mapping is not None and hasattr(core.mapping, "maps"):
         with torch.no_grad():
             maps_before = tuple(m.detach().float().cpu() for m in core.mapping.maps())
+    if args.freeze_visual:  # the pretrained vision weights leave the optimizer (pretrained_and_new skips them)
+        for prm in core.param_groups()["visual"]:
+            prm.requires_grad_(False)
     recipe, pieces = None, None
     if release:
         from facelayers.models.ssm.release_recipe import ReleaseRecipe, ReleaseRecipeConfig
@@ -1212,6 +1287,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         load_best(core, ckpt)
     tuned_au = data.test.get("au") if args.tuned_au_f1 == "on" and "au" in cfg.tasks else None
     test = evaluate(core, test_loaders, device, dd, args, tuned_au=tuned_au)
+    if args.unseen_classes and "exp" in test:
+        test["exp_unseen"] = unseen_class_metrics(test["exp"]["confusion_matrix"], cfg.expressions, unseen_names(args))
     if optimistic:  # every number of a test-selected checkpoint is optimistic
         for part in test.values():
             part["optimistic"] = True
@@ -1304,6 +1381,121 @@ def _args_json(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
+def check_transfer_args(args: argparse.Namespace) -> None:
+    """The transfer settings' checks (``--exp-shots``, ``--unseen-classes``, ``--freeze-visual``),
+    before the backbone-dependent defaults are filled. A class with fewer than ``--exp-shots``
+    training clips is found when the data is built (still before the model), also exit code 2."""
+    err = cli.UsageError
+    exp_task = args.mode != "stl" or args.task == "exp"
+    for name, on in (("exp-shots", args.exp_shots is not None), ("unseen-classes", args.unseen_classes is not None)):
+        if on and not exp_task:
+            raise err(f"--{name}: changes the expression training data (expected an expression task, got --mode stl "
+                      "--task au)")
+    if args.exp_shots is not None and args.exp_fraction < 1.0:
+        raise err(f"--exp-shots: sets the expression training data itself (expected no --exp-fraction with it, got "
+                  f"--exp-fraction {args.exp_fraction:g})")
+    if args.unseen_classes is not None:
+        vocabulary = facs.EXPRESSIONS_11 if args.exp_dataset == "mafw" else facs.EXPRESSIONS_7
+        try:
+            ssm_data.unseen_class_ids(vocabulary, unseen_names(args))
+        except ValueError as e:
+            raise err(f"--unseen-classes: {str(e).removeprefix('unseen classes: ')} (--exp-dataset "
+                      f"{args.exp_dataset})") from None
+    if args.freeze_visual:
+        if args.lr_visual is not None:
+            raise err(f"--freeze-visual: the vision weights do not train (expected no --lr-visual with it, got "
+                      f"--lr-visual {args.lr_visual:g})")
+        if args.recipe == "ssm_release":
+            raise err("--freeze-visual: the release recipe trains its vision tower (expected --recipe paper, got "
+                      "--recipe ssm_release)")
+
+
+#: largest ``--frames`` (T) and ``--synthetic-size`` accepted (larger: a typo, and out of memory)
+MAX_FRAMES = 256
+MAX_SYNTHETIC_SIZE = 64.0
+
+
+def check_option_effects(args: argparse.Namespace) -> None:
+    """Options the user set (value differs from the parser's default) that would have no effect
+    with the other options are errors, not silently ignored; so are a test manifest that is the
+    training manifest, an expression clip folder holding fewer frames than its manifest line says
+    (``check_frame_counts``), and ``--frames`` / ``--synthetic-size`` out of bounds (issue 15).
+
+    Raises:
+        cli.UsageError: ``--<option>: has no effect with ... (expected ..., got ...)``.
+    """
+    err = cli.UsageError
+    parser = build_parser()
+
+    def given(*names: str) -> list[str]:
+        return [n for n in names if getattr(args, n) != parser.get_default(n)]
+
+    def refuse(names: list[str], why: str, expected: str, got: str) -> None:
+        if names:
+            raise err(f"--{names[0].replace('_', '-')}: has no effect {why} (expected {expected}, got {got})")
+
+    if args.mode != "stl":
+        refuse(given("task"), f"with --mode {args.mode}", "--mode stl", f"--mode {args.mode}")
+    text = ("no_dpm", "mapping", "alpha", "beta", "dpm_init", "no_dual", "freeze_dpm", "dpm_variant", "prior_source",
+            "n_ctx", "desc_style")
+    dpm_only = ("dpm_init", "no_dual", "freeze_dpm", "dpm_variant", "prior_source")
+    if args.mode != "ssm":
+        refuse(given("no_tsp", *text), f"with --mode {args.mode}", "--mode ssm", f"--mode {args.mode}")
+    elif args.no_tsp:
+        refuse(given(*text), "with --no-tsp (linear heads, no text side)", "no --no-tsp", "--no-tsp")
+    elif args.no_dpm:
+        refuse(given("mapping", "alpha", "beta", *dpm_only), "with --no-dpm (no mapping)", "no --no-dpm", "--no-dpm")
+    elif args.mapping != "dpm":
+        refuse(given(*dpm_only), f"with --mapping {args.mapping}", "--mapping dpm", f"--mapping {args.mapping}")
+    if args.mode == "stl":
+        refuse(given("num_experts", "top_k", "moe_blocks", "moe_hidden", "moe_backend", "router_noise", "vision_passes"),
+               "with --mode stl (no MoE, one task)", "--mode baseline or ssm", "--mode stl")
+        other = "au" if args.task == "exp" else "exp"
+        refuse(given(*(("au_fraction", "batch_au", "au_select", "au_dataset", "au_root", "au_manifest",
+                        "au_test_manifest", "au_train_windows") if other == "au" else
+                       ("exp_fraction", "batch_exp", "exp_dataset", "exp_root", "exp_manifest", "exp_test_manifest",
+                        "exp_sampling"))),
+               f"with --mode stl --task {args.task} (no {other} task)", f"an {other} task",
+               f"--mode stl --task {args.task}")
+    if args.data == "synthetic":
+        refuse(given("au_root", "au_manifest", "au_test_manifest", "exp_root", "exp_manifest", "exp_test_manifest"),
+               "with --data synthetic", "--data real", "--data synthetic")
+    else:
+        refuse(given("synthetic_size", "synthetic_balance", "synthetic_nuisance", "fold"),
+               "with --data real (the manifests name the split)", "--data synthetic", "--data real")
+        for train, test in (("exp_manifest", "exp_test_manifest"), ("au_manifest", "au_test_manifest")):
+            a, b = getattr(args, train), getattr(args, test)
+            if a and b and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
+                raise err(f"--{test.replace('_', '-')}: the training manifest too, the test set would be trained on "
+                          f"(expected a separate test manifest, got {b} for --{train.replace('_', '-')} and "
+                          f"--{test.replace('_', '-')})")
+        if (args.mode != "stl" or args.task == "exp") and args.exp_root:
+            from facelayers.data import read_manifest
+            from facelayers.data.datasets import FrameCountMismatchError, check_frame_counts
+
+            for manifest in (args.exp_manifest, args.exp_test_manifest):  # a clip folder short of frames
+                if manifest and os.path.isfile(manifest):
+                    try:
+                        check_frame_counts(read_manifest(manifest, args.exp_dataset), args.exp_root, manifest=manifest)
+                    except FrameCountMismatchError as e:
+                        raise err(str(e)) from None
+    if args.frames is not None and args.frames > MAX_FRAMES:
+        raise err(f"--frames: too many frames per clip (expected 1..{MAX_FRAMES}, got {args.frames})")
+    if args.data == "synthetic":
+        size = args.synthetic_size
+        if size > MAX_SYNTHETIC_SIZE:
+            raise err(f"--synthetic-size: too large for memory (expected at most {MAX_SYNTHETIC_SIZE:g}, got {size:g})")
+        base = ssm_data.SYNTHETIC_QUICK if args.quick else ssm_data.SYNTHETIC_DEFAULT
+        tasks = (args.task,) if args.mode == "stl" else ("exp", "au")
+        n_classes = len(facs.EXPRESSIONS_11 if args.exp_dataset == "mafw" else facs.EXPRESSIONS_7)
+        for task, key, least, what in (("exp", "exp_clips", 5 * n_classes, f"{5 * n_classes} expression clips (5 folds x "
+                                        f"{n_classes} classes)"), ("au", "au_subjects", 5, "5 AU subjects (3 folds + 2)")):
+            if task in tasks and size != 1.0 and round(base[key] * size) < least:
+                raise err(f"--synthetic-size: too small for {'--quick' if args.quick else 'the benchmark'} (expected a "
+                          f"size giving at least {what}, i.e. >= {least / base[key]:.3g}, got {size:g}: "
+                          f"{round(base[key] * size)})")
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Every check that needs more than one argument, before any data or model is built (single
     values are checked by the parser's ``type=`` functions); fills the backbone-dependent defaults.
@@ -1315,17 +1507,20 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
     err = cli.UsageError
     ocfg: dict[str, Any] = {}
-    if args.backbone == "tiny":
+    if args.backbone in TINY_BACKBONES:
         if args.pretrained:
-            raise err(f"--pretrained: the tiny backbone is random-init only (expected no --pretrained, or --backbone "
-                      f"ViT-B-16, got {args.pretrained!r})")
+            raise err(f"--pretrained: the {args.backbone} backbone brings its own initialisation (expected no "
+                      f"--pretrained, or --backbone ViT-B-16, got {args.pretrained!r})")
+        if args.backbone == "tiny-facs" and args.tiny:
+            raise err(f"--tiny: the tiny-facs backbone has the default tiny shape (expected no --tiny, or --backbone "
+                      f"tiny, got --tiny {args.tiny})")
         clip_kw = tiny_kwargs(args) or TINY_CLIP
         width, layers = clip_kw["embed_dim"], clip_kw["vision_cfg"]["layers"]
     else:
         if args.tiny:
             raise err(f"--tiny: shapes the tiny backbone only (expected --backbone tiny, got --backbone {args.backbone})")
         if args.backbone not in open_clip.list_models():
-            raise err(f"--backbone: unknown model (expected 'tiny' or an open_clip name such as 'ViT-B-16', got "
+            raise err(f"--backbone: unknown model (expected 'tiny', 'tiny-facs' or an open_clip name such as 'ViT-B-16', got "
                       f"{args.backbone!r})")
         p = args.pretrained
         if not p or os.path.isfile(p):
@@ -1344,6 +1539,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                            ("exp_sampling", "synthetic expression clips are rendered with exactly --frames frames")):
             if getattr(args, name) is not None:
                 raise err(f"--{name.replace('_', '-')}: {what} (expected --data real, got --data synthetic)")
+    check_transfer_args(args)
+    check_option_effects(args)
     args = resolve_defaults(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise err(f"--out: expected a folder (new or existing), got the file {args.out!r}")
@@ -1429,20 +1626,22 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
         from facelayers.models.ssm import descriptions_for
 
-        context = (clip_kw if args.backbone == "tiny" else ocfg).get("text_cfg", {}).get("context_length", 77)
+        context = (clip_kw if args.backbone in TINY_BACKBONES else ocfg).get("text_cfg", {}).get("context_length", 77)
         tok = SimpleTokenizer()
         longest = max(len(tok.encode(d)) for d in sum(descriptions_for(cfg), []))
         if args.n_ctx + longest + 2 > context:
             raise err(f"--n-ctx: prompts too long for the text context of {context} tokens (expected n_ctx <= "
                       f"{context - longest - 2} with descriptions of up to {longest} tokens, got {args.n_ctx})")
     ckpt = os.path.join(args.out, "checkpoint")
+    if args.resume and not os.path.isfile(os.path.join(ckpt, "trainer.json")):
+        print(f"note: --resume: no checkpoint in {ckpt} yet (no trainer.json): starting a fresh run", file=sys.stderr)
     if args.resume and os.path.isfile(os.path.join(ckpt, "trainer.json")):
         from facelayers.io import read_json
         from facelayers.models.ssm import verify_checkpoint
 
         ck_cfg, _, _ = verify_checkpoint(ckpt, "last")  # CheckpointError naming the file: a bad argument
         read_json(os.path.join(ckpt, "trainer.json"))
-        if cfg.clip_kwargs is None and args.backbone == "tiny":
+        if cfg.clip_kwargs is None and args.backbone in TINY_BACKBONES:
             cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
         img = (cfg.clip_kwargs or ocfg).get("vision_cfg", {}).get("image_size", ck_cfg.image_size)
         cfg.image_size = int(img[0] if isinstance(img, (tuple, list)) else img)

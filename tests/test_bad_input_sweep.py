@@ -331,3 +331,13 @@ def test_manifest_line_errors_name_expected_and_got(tmp_path):
         with pytest.raises(F.ManifestError) as ei:
             F.read_manifest(p, fmt)
         _expected_got(str(ei.value), f"{p}:1:", *needles)
+
+
+def test_empty_pretrained_name_is_not_random_init():
+    """``--backbone ViT-B-16 --pretrained ''`` used to build a random-init ViT-B-16 without a word."""
+    from facelayers.models.ssm import BackboneUnavailableError, build_backbone
+
+    for name in ("ViT-B-16", "tiny"):
+        with pytest.raises(BackboneUnavailableError) as ei:
+            build_backbone(name, "")
+        _expected_got(str(ei.value), "''")

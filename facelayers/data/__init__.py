@@ -11,7 +11,9 @@ from .datasets import (
     natural_sort_key, read_video_frames, segment_indices, split_runs, video_frame_count,
     full_windows, release_segment_indices, WindowPlanner, FrameSampler,
 )
-from .loader import HeterogeneousLoader, fraction_indices, fraction_subset, subject_split
+from .loader import (
+    HeterogeneousLoader, few_shot_indices, fraction_indices, fraction_subset, subject_split, without_classes_indices,
+)
 from .manifests import (
     FORMATS, SPLITS, AURecord, ExpressionRecord, ManifestError, ManifestFormat, ManifestIssue,
     Split, get_format, get_split, group_by_subject, iter_manifest, list_splits, parse_frame_index,
@@ -26,6 +28,7 @@ from .transforms import (
 from .validate import ISSUE_KINDS, ManifestValidationError, ValidationIssue, ValidationReport, validate_manifest
 
 __all__ = [
+    "few_shot_indices", "without_classes_indices",
     "full_windows", "release_segment_indices", "WindowPlanner", "FrameSampler",
     "decode_video_frames", "video_frame_count", "load_frame_uint8", "FrameSizeMismatchError",
     "FrameSource", "FAST_PATH_ATOL", "DRAFT_MEAN_ATOL", "JPEG_DRAFT_MARGIN", "AURecord",

@@ -39,6 +39,7 @@ __all__ = [
     "AUWindow",
     "ExpressionClipDataset",
     "FrameCountMismatchError",
+    "check_frame_counts",
     "FrameSampler",
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
@@ -85,7 +86,7 @@ def list_frame_files(folder: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
         FileNotFoundError: if ``folder`` is not a directory.
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"frame folder not found: {folder}")
+        raise FileNotFoundError(f"frame folder not found: {folder} (expected a folder of frame images, got no such folder)")
     exts = tuple(e.lower() for e in extensions)
     with os.scandir(folder) as it:
         names = [e.name for e in it if e.is_file() and e.name.lower().endswith(exts)]
@@ -278,16 +279,16 @@ def decode_video_frames(
     got: dict[int, Tensor] | None = None
     if table is not None:
         if need[0] < 0 or need[-1] >= len(table[0]):
-            raise IndexError(f"frame indices must be in [0, {len(table[0])}) for {path}, got {need[0]}..{need[-1]}")
+            raise IndexError(f"frame indices must be in [0, {len(table[0])}) for {path} (expected indices < {len(table[0])}, got {need[0]}..{need[-1]})")
         got = _decode_seeking(path, need, table[0], table[1], st)
     if got is None:
         if need[0] < 0:
-            raise IndexError(f"frame indices must be >= 0, got {need[0]}")
+            raise IndexError(f"frame indices must be >= 0 (expected >= 0, got {need[0]})")
         got = _decode_sequential(path, need, st)
         missing = [i for i in need if i not in got]
         if missing:
             total = n if n is not None else _count_decoded(path)
-            raise IndexError(f"frame indices must be in [0, {total}) for {path}, got {missing[0]}")
+            raise IndexError(f"frame indices must be in [0, {total}) for {path} (expected indices < {total}, got {missing[0]})")
     if stats is not None:
         stats.update(st)
     return [got[int(i)] for i in indices]
@@ -334,7 +335,7 @@ def _item_generator(seed: int | None, epoch: int, index: int) -> torch.Generator
 
 def _check_num_frames(num_frames: int) -> None:
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        raise ValueError(f"num_frames must be a positive int (expected an integer >= 1, got {num_frames!r})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def segment_indices(
     """
     n, t = num_frames_in_clip, num_segments
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_frames_in_clip must be a positive int, got {n!r}")
+        raise ValueError(f"num_frames_in_clip must be a positive int (expected an integer >= 1, got {n!r})")
     _check_num_frames(t)
     if n < t:
         return [min(k, n - 1) for k in range(t)]
@@ -429,7 +430,7 @@ def release_segment_indices(
     """
     n, t = num_frames_in_clip, num_segments
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_frames_in_clip must be a positive int, got {n!r}")
+        raise ValueError(f"num_frames_in_clip must be a positive int (expected an integer >= 1, got {n!r})")
     _check_num_frames(t)
     if train and n >= t:
         a = n // t
@@ -443,6 +444,43 @@ def release_segment_indices(
 
 # ----------------------------------------------------------------------------------------------
 # expression clips
+
+
+def check_frame_counts(
+    records: Sequence[ExpressionRecord],
+    root: PathLike,
+    *,
+    manifest: PathLike | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    allow_more: bool = True,
+) -> None:
+    """Refuse, before training, clips whose frame folder holds FEWER frames than the manifest says
+    (a truncated or half-extracted clip would otherwise be sampled over what is there, with only a
+    warning per item: :class:`ExpressionClipDataset` ``frame_count="disk"``). Video files and
+    missing folders are skipped (:class:`ExpressionClipDataset` reports those when it reads them).
+
+    Args:
+        records: the manifest's records, in file order.
+        root: dataset root.
+        manifest: the manifest file, named in the error (with the clip's record number).
+        extensions: file endings counted as frames.
+        allow_more: accept folders with MORE frames than the manifest says (default True).
+
+    Raises:
+        FrameCountMismatchError: the first clip that disagrees, e.g. ``train.txt: record 3: clip
+            '00005': manifest says 40 frames, found 4 (expected 40 frame files, got 4)``.
+    """
+    where = f"{os.fspath(manifest)}: " if manifest is not None else ""
+    for i, rec in enumerate(records):
+        src = Path(root) / rec.path
+        if not src.is_dir():
+            continue
+        n = len(list_frame_files(src, extensions))
+        if n < rec.num_frames or (n > rec.num_frames and not allow_more):
+            raise FrameCountMismatchError(
+                f"{where}record {i}: clip {rec.path!r}: manifest says {rec.num_frames} frames, found {n} in {src} "
+                f"(expected {rec.num_frames} frame files, got {n})"
+            )
 
 
 class ExpressionClipDataset(Dataset):
@@ -494,15 +532,18 @@ class ExpressionClipDataset(Dataset):
     ) -> None:
         _check_num_frames(num_frames)
         if not callable(sampler):
-            raise TypeError(f"sampler must be callable as sampler(n, T, train, generator), got {type(sampler).__name__}")
+            raise TypeError(f"sampler must be callable as sampler(n, T, train, generator) (expected a callable, got {type(sampler).__name__})")
         if frame_count not in ("disk", "manifest", "error"):
-            raise ValueError(f"frame_count must be 'disk', 'manifest' or 'error', got {frame_count!r}")
+            raise ValueError(f"frame_count must be 'disk', 'manifest' or 'error' (expected one of them, got {frame_count!r})")
         records = list(records)
         if not records:
-            raise ValueError("ExpressionClipDataset needs at least one record, got none")
+            raise ValueError("ExpressionClipDataset needs at least one record (expected a non-empty list of ExpressionRecord, got none)")
         for i, r in enumerate(records):
             if not isinstance(r, ExpressionRecord):
-                raise TypeError(f"records[{i}] must be an ExpressionRecord, got {type(r).__name__}")
+                raise TypeError(f"records[{i}] must be an ExpressionRecord (expected ExpressionRecord, got {type(r).__name__})")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset root not found: {os.fspath(root)} (expected an existing folder, got "
+                                    f"{'a file' if os.path.exists(root) else 'no such path'})")
         self.records = records
         self.root = Path(root)
         self.num_frames = num_frames
@@ -545,10 +586,10 @@ class ExpressionClipDataset(Dataset):
 
     def _resolve_count(self, rec: ExpressionRecord, on_disk: int, src: Path) -> int:
         if on_disk == 0:
-            raise FileNotFoundError(f"no frames ({'/'.join(self.extensions)}) in {src}")
+            raise FileNotFoundError(f"no frames ({'/'.join(self.extensions)}) in {src} (expected {rec.num_frames} frame files, got 0)")
         if on_disk == rec.num_frames:
             return on_disk
-        msg = f"{src}: manifest says {rec.num_frames} frames, found {on_disk}"
+        msg = f"{src}: manifest says {rec.num_frames} frames, found {on_disk} (expected {rec.num_frames} frame files, got {on_disk})"
         if self.frame_count == "error":
             raise FrameCountMismatchError(msg)
         warnings.warn(f"{msg}; sampling over the {self.frame_count} count", stacklevel=3)
@@ -587,7 +628,7 @@ class ExpressionClipDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} clips")
+            raise IndexError(f"index {index} out of range for {len(self)} clips (expected {-len(self)} <= index < {len(self)}, got {index})")
         index = index % len(self)
         rec = self.records[index]
         g = _item_generator(self.seed, self.epoch, index)
@@ -642,7 +683,7 @@ def split_runs(frame_indices: Sequence[int]) -> list[list[int]]:
     prev = None
     for f in frame_indices:
         if prev is not None and f <= prev:
-            raise ValueError(f"frame numbers must be strictly increasing, got {prev} then {f}")
+            raise ValueError(f"frame numbers must be strictly increasing (expected a number > {prev}, got {prev} then {f})")
         if prev is None or f != prev + 1:
             runs.append([])
         runs[-1].append(int(f))
@@ -702,10 +743,10 @@ def full_windows(run_length: int, num_frames: int, stride: int) -> list[tuple[in
         []
     """
     if isinstance(run_length, bool) or not isinstance(run_length, int) or run_length < 1:
-        raise ValueError(f"run_length must be a positive int, got {run_length!r}")
+        raise ValueError(f"run_length must be a positive int (expected an integer >= 1, got {run_length!r})")
     _check_num_frames(num_frames)
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
+        raise ValueError(f"stride must be a positive int (expected an integer >= 1, got {stride!r})")
     return [(a, 0) for a in range(0, run_length - num_frames + 1, stride)]
 
 
@@ -775,16 +816,16 @@ def au_windows(
 
 def _check_planner(planner: WindowPlanner | None, eval_cover: bool) -> None:
     if planner is not None and not callable(planner):
-        raise TypeError(f"planner must be callable as planner(run_length, num_frames, stride), got {type(planner).__name__}")
+        raise TypeError(f"planner must be callable as planner(run_length, num_frames, stride) (expected a callable, got {type(planner).__name__})")
     if planner is not None and eval_cover:
         raise ValueError("planner and eval_cover both choose the windows (expected one of them, got both)")
 
 
 def _check_au_args(label_mode: str, stride: int) -> None:
     if label_mode not in ("center", "all"):
-        raise ValueError(f"label_mode must be 'center' or 'all', got {label_mode!r}")
+        raise ValueError(f"label_mode must be 'center' or 'all' (expected one of them, got {label_mode!r})")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
+        raise ValueError(f"stride must be a positive int (expected an integer >= 1, got {stride!r})")
 
 
 class AUClipDataset(Dataset):
@@ -858,12 +899,12 @@ class AUClipDataset(Dataset):
         _check_planner(planner, eval_cover)
         records = list(records)
         if not records:
-            raise ValueError("AUClipDataset needs at least one record, got none")
+            raise ValueError("AUClipDataset needs at least one record (expected a non-empty list of AURecord, got none)")
         m = None
         groups: dict[str, list[AURecord]] = {}
         for i, r in enumerate(records):
             if not isinstance(r, AURecord):
-                raise TypeError(f"records[{i}] must be an AURecord, got {type(r).__name__}")
+                raise TypeError(f"records[{i}] must be an AURecord (expected AURecord, got {type(r).__name__})")
             if m is None:
                 m = len(r.labels)
             elif len(r.labels) != m:

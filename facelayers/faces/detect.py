@@ -140,11 +140,16 @@ class MTCNNDetector:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> list[Detections]:
-        """Detect faces in ``images [B, H, W, 3]`` (RGB in ``[0, 255]``): ``B`` :class:`Detections`."""
+        """Detect faces in ``images [B, H, W, 3]`` (RGB in ``[0, 255]``): ``B`` :class:`Detections`.
+
+        Images whose shorter side is below ``min_face_size`` cannot hold a face MTCNN searches for
+        (its image pyramid would be empty): they get empty :class:`Detections` (no face)."""
         if images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images: expected [B, H, W, 3] RGB in [0, 255], got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
             return []
+        if min(images.shape[1], images.shape[2]) < self.min_face_size:
+            return [Detections.empty() for _ in range(images.shape[0])]
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         batch_boxes, batch_points = detect_face(

@@ -86,7 +86,8 @@ def _pretrain(argv: list[str]) -> int:
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=d.weight_decay)
     p.add_argument("--warmup", type=cli.nonnegative_int, default=d.warmup)
     p.add_argument("--subjects", type=_positive_int, default=d.num_subjects, help="rendered identities")
-    p.add_argument("--subset-p", type=_unit_closed, default=d.subset_p, help="share of captions naming a subset of the AUs")
+    p.add_argument("--subset-p", type=_unit_closed, default=d.subset_p,
+                   help="share of captions naming a subset of the AUs")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads for training (default 1: on a busy 2-core machine 2 threads ran 5x slower)")
     p.add_argument("--no-progress", action="store_true")

@@ -84,6 +84,9 @@ def build_backbone(name: str = "tiny", pretrained: str | None = None, *, clip_kw
         from facelayers.assets import load_tiny_facs_clip
 
         return load_tiny_facs_clip().train()
+    if pretrained is not None and not str(pretrained).strip():  # '' would silently mean "random init"
+        raise BackboneUnavailableError("empty pretrained weights name (expected a checkpoint file, an open_clip tag "
+                                       f"or None for random init, got {pretrained!r})")
     if name == "tiny":
         if pretrained:
             raise BackboneUnavailableError("the tiny backbone is random-init only; drop --pretrained or pick --backbone ViT-B-16")

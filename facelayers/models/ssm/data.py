@@ -54,6 +54,9 @@ __all__ = [
     "check_media_present",
     "SYNTHETIC_DEFAULT",
     "SYNTHETIC_QUICK",
+    "apply_transfer_settings",
+    "expression_labels_of",
+    "unseen_class_ids",
 ]
 
 
@@ -376,6 +379,108 @@ def build_synthetic_datasets(*, frames: int, image_size: int, seed: int, fold: i
         rate = test["au"].frame_labels.float().mean(0).tolist()
     notes = {"synthetic": {**p, "class_balance": class_balance, "benchmark_seed": seed, "nuisance": nuisance}}
     return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# transfer settings (issue 20): few-shot expressions and unseen expression classes
+
+
+def expression_labels_of(dataset: Any) -> list[int]:
+    """Class ids of an expression dataset's items, in item order, without reading any clip: a
+    synthetic dataset's ``labels``, an :class:`~facelayers.data.ExpressionClipDataset`'s
+    ``records[i].label``, through any ``Subset``.
+
+    Raises:
+        TypeError: a dataset with neither.
+    """
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = expression_labels_of(dataset.dataset)
+        return [inner[int(i)] for i in dataset.indices]
+    if torch.is_tensor(getattr(dataset, "labels", None)):
+        return [int(v) for v in dataset.labels.tolist()]
+    if hasattr(dataset, "records"):
+        return [int(r.label) for r in dataset.records]
+    raise TypeError(f"expected an expression dataset with labels or records, got {type(dataset).__name__}")
+
+
+def unseen_class_ids(expressions: Sequence[str], unseen: Sequence[str]) -> list[int]:
+    """Label ids of the ``unseen`` class names in the vocabulary ``expressions``.
+
+    Raises:
+        ValueError: an empty list, a repeated or unknown name (naming the vocabulary), or every
+            class unseen (expected at least one class left to train on).
+    """
+    names = [str(u).strip() for u in unseen]
+    if not names or any(not n for n in names):
+        raise ValueError(f"unseen classes: expected one or more class names, got {list(unseen)!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"unseen classes: each name once (expected distinct names, got {dup} more than once)")
+    unknown = [n for n in names if n not in expressions]
+    if unknown:
+        hint = ("; the 11-class MAFW vocabulary has them: --exp-dataset mafw"
+                if all(n in facs.EXPRESSIONS_11 for n in unknown) else "")
+        raise ValueError(f"unseen classes: not in the vocabulary (expected names from {list(expressions)}, got "
+                         f"{unknown}{hint})")
+    if len(names) >= len(expressions):
+        raise ValueError(f"unseen classes: every class would be unseen (expected at most {len(expressions) - 1} of "
+                         f"{len(expressions)}, got {len(names)})")
+    return sorted(expressions.index(n) for n in names)
+
+
+def apply_transfer_settings(bundle: DataBundle, *, exp_shots: int | None = None,
+                            unseen_classes: Sequence[str] = (), seed: int = 0) -> DataBundle:
+    """A copy of ``bundle`` whose expression training data follows the transfer settings.
+
+    * ``unseen_classes``: their clips are dropped from the expression *training* and *validation*
+      splits (validation is carved from training data); the test split keeps every class, so
+      they are known at test time only through their text descriptions (TSP) and the FACS
+      prior (DPM).
+    * ``exp_shots=k``: ``k`` training clips of each (seen) class
+      (:func:`facelayers.data.loader.few_shot_indices` with ``seed``); validation and test are
+      unchanged.
+
+    The AU side is never changed. ``notes["transfer"]`` records the settings and the per-class
+    training counts. With neither setting the bundle itself is returned.
+
+    Raises:
+        ValueError: no expression task in the bundle, bad names (see :func:`unseen_class_ids`),
+            ``exp_shots < 1``, or a class with fewer than ``exp_shots`` training clips.
+    """
+    from facelayers.data.loader import few_shot_indices, without_classes_indices
+
+    if exp_shots is None and not unseen_classes:
+        return bundle
+    if "exp" not in bundle.train:
+        raise ValueError("transfer settings change the expression data (expected an expression task, got "
+                         f"tasks {sorted(bundle.train)})")
+    if exp_shots is not None and (isinstance(exp_shots, bool) or not isinstance(exp_shots, int) or exp_shots < 1):
+        raise ValueError(f"exp_shots must be an int >= 1 (expected clips per class >= 1, got {exp_shots!r})")
+    unseen = unseen_class_ids(bundle.expressions, unseen_classes) if unseen_classes else []
+    train, val = dict(bundle.train), dict(bundle.val)
+    labels = expression_labels_of(train["exp"])
+    seen = [c for c in range(len(bundle.expressions)) if c not in unseen]
+    keep = without_classes_indices(labels, unseen)
+    if exp_shots is not None:
+        try:
+            keep = few_shot_indices(labels, exp_shots, seed, classes=seen)
+        except ValueError as err:
+            counts = {bundle.expressions[c]: labels.count(c) for c in seen}
+            raise ValueError(f"--exp-shots {exp_shots}: a class has fewer training clips (expected >= {exp_shots} "
+                             f"per class, got {counts})") from err
+    if len(keep) != len(labels):
+        train["exp"] = torch.utils.data.Subset(train["exp"], keep)
+    if unseen and bundle.val.get("exp") is not None:
+        val_labels = expression_labels_of(val["exp"])
+        val["exp"] = torch.utils.data.Subset(val["exp"], without_classes_indices(val_labels, unseen))
+    kept = [labels[i] for i in keep]
+    notes = dict(bundle.notes)
+    notes["transfer"] = {
+        "exp_shots": exp_shots, "unseen_classes": [bundle.expressions[c] for c in unseen], "seed": seed,
+        "train_counts": {bundle.expressions[c]: kept.count(c) for c in range(len(bundle.expressions))},
+    }
+    return DataBundle(bundle.expressions, bundle.aus, train, val, dict(bundle.test), bundle.au_test_positive_rate,
+                      notes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,8 +92,14 @@ def au_window_indices(n: int, t: int) -> Tensor:
 
 def expression_windows(n: int, t: int, window: int, stride: int) -> list[tuple[int, int, list[int]]]:
     """``(start, end_exclusive, T indices)`` per sliding window: ``T`` frames at the segment
-    centres of each ``window``-frame window (a window longer than the video covers all of it),
-    every ``stride`` frames, the last window ending at the last frame.
+    centres of each ``window``-frame window, every ``stride`` frames, the last window ending at
+    the last frame (with ``stride <= window`` every frame lies in at least one window; a larger
+    stride skips the frames between two windows, which :func:`predict_video` refuses).
+
+    Two documented rules for short videos (``examples/predict_video.py`` prints a note for each):
+    a ``window`` longer than the video (``window > n``) is ONE window over the whole video, and a
+    window of fewer than ``t`` frames samples some frames more than once (segment centres, as
+    :func:`facelayers.data.segment_indices` does for short clips).
 
     Raises:
         ValueError: ``n``, ``t``, ``window`` or ``stride`` < 1.
@@ -118,8 +124,9 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
     Args:
         model: trained :class:`SSMModel` with a config (eval mode is set here).
         frames: ``[N, 3, H, W]`` in ``[0, 1]`` (any size; resized to the model's input size).
-        window: expression window length in frames (default ``2 T``).
-        stride: expression window step (default ``window // 2``).
+        window: expression window length in frames (default ``2 T``; longer than the video:
+            one window over all of it, see :func:`expression_windows`).
+        stride: expression window step, at most ``window`` (default ``window // 2``).
         batch: frames / windows per forward.
         device: where the model runs.
         present: optional ``[N]`` bool, the frames that hold a face (e.g. ``FaceTrack.present``;
@@ -135,7 +142,7 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
 
     Raises:
         ValueError: ``frames`` not ``[N, 3, H, W]`` with ``N >= 1``, a non-positive window /
-            stride / batch, or ``present`` not a ``[N]`` bool tensor.
+            stride / batch, ``stride > window``, or ``present`` not a ``[N]`` bool tensor.
         facelayers.faces.NoFaceError: ``present`` has no True frame.
     """
     from facelayers.data import eval_transform
@@ -162,9 +169,14 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
             raise ValueError(f"{name} must be a positive int (expected >= 1, got {v!r})")
     if model.cfg is None:
         raise ValueError("predict_video needs model.cfg (expected a model from build_model / load_model, got cfg=None)")
+    t = model.cfg.num_frames
+    window = window or 2 * t
+    stride = stride or max(1, window // 2)
+    if stride > window:
+        raise ValueError(f"stride larger than window leaves frames without an expression prediction "
+                         f"(expected stride <= window = {window}, got stride = {stride})")
     model = model.eval().to(device)
     cfg = model.cfg
-    t = cfg.num_frames
     x = eval_transform(cfg.image_size)(frames.float() if keep is None else frames[keep].float())
     out: dict[str, object] = {"au_probs": None, "exp_windows": [], "exp_probs": None, "exp_face_frames": None}
     t_exp, t_au = model.text_features()
@@ -188,8 +200,6 @@ def predict_video(model: SSMModel, frames: Tensor, *, window: int | None = None,
         out["au_probs"] = au
     if "exp" in model.tasks:
         f = encode("exp")
-        window = window or 2 * t
-        stride = stride or max(1, window // 2)
         wins = expression_windows(n, t, window, stride)
         idx = torch.tensor([w[2] for w in wins])
         probs = []
