@@ -129,28 +129,6 @@ def rank_expert(text: str) -> str:
     return text
 
 
-def ema_decay_arg(text: str) -> float:
-    """``--ema-decay``: a number in [0, 1) (0 = no EMA), checked (argparse ``type=``)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0 = off, the release uses 0.99), got {text!r}")
-    return v
-
-
-def probability_arg(text: str) -> float:
-    """``--erase-p``: a probability in [0, 1], checked (argparse ``type=``)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return v
-
-
 def rank_expert_values(text: str) -> tuple[int, int]:
     """``"RANK:EXPERT"`` (checked by :func:`rank_expert`) -> ``(rank, expert)``."""
     rank, expert = (int(v) for v in text.split(":"))
@@ -245,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp-sampling", choices=ssm_data.EXP_SAMPLING, default=None,
                    help="expression frames of a clip (real data): segments (equal segments over every frame; default) "
                         "or release (the released code's sampler; ssm_release)")
-    g.add_argument("--erase-p", type=probability_arg, default=None,
+    g.add_argument("--erase-p", type=cli.probability, default=None,
                    help="random-erasing probability of the real-data training transform (default 0.3, ssm_release 0; "
                         "the synthetic training transform never erases)")
     g.add_argument("--workers", type=nonneg_int, default=0)
@@ -281,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: the paper's training (default); ssm_release: the released code's model (release "
                         "preset from the backbone's weights) and training (its loss, optimizer groups, schedule, "
                         "EMA, AU clip mixup, router noise)")
-    g.add_argument("--ema-decay", type=ema_decay_arg, default=None,
+    g.add_argument("--ema-decay", type=cli.ema_decay, default=None,
                    help="EMA of the weights, used for validation and the saved best checkpoint (0 = off; default "
                         "0, ssm_release 0.99)")
     g.add_argument("--mixup-alpha", type=nonneg_float, default=None,

@@ -33,6 +33,8 @@ __all__ = [
     "open_unit_float",
     "unit_float",
     "finite_float",
+    "probability",
+    "ema_decay",
     "output_folder",
     "output_file",
     "existing_file",
@@ -108,6 +110,9 @@ positive_float = _number_type("positive_float", float, "a finite number > 0", la
 nonnegative_float = _number_type("nonnegative_float", float, "a finite number >= 0", lambda v: v >= 0)
 open_unit_float = _number_type("open_unit_float", float, "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
 unit_float = _number_type("unit_float", float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+probability = _number_type("probability", float, "a probability in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+ema_decay = _number_type("ema_decay", float, "a number in [0, 1) (0 = off, the release uses 0.99)",
+                         lambda v: 0.0 <= v < 1.0)
 
 
 def _under_existing_folder(text: str, kind: str) -> str:
