@@ -1193,7 +1193,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             ds = fraction_subset(ds, frac, args.seed)
             frac = 1.0
         batch = args.batch_exp if task == "exp" else args.batch_au
-        batch = min(batch, max(1, int(len(ds) * frac) // dd.world))
+        capped = min(batch, max(1, int(len(ds) * frac) // dd.world))
+        if capped < batch and dd.main:  # said, not silent: a few-shot or tiny training set
+            print(f"note: --batch-{task} {batch} is larger than the {task} training set per process "
+                  f"({int(len(ds) * frac) // dd.world} samples); batches of {capped} are used")
+        batch = capped
         train_loaders[task], _ = make_train_loader(ds, batch, dd, args.seed, args.workers)
     pairs = make_pairs(train_loaders, args)
     eval_batch = max(args.batch_exp, args.batch_au)

@@ -70,3 +70,39 @@ def load_example(name: str):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def check_script_error(rc: int, err: str, *needles: str) -> str:
+    """A script's user error: exit code 2, ONE stderr line ``error: ... (expected ..., got ...)``, no
+    traceback, and every needle in that line. Returns the line."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, f"exit code {rc}, stderr: {err}"
+    assert len(lines) == 1, f"expected one stderr line, got {lines}"
+    line = lines[0]
+    assert line.startswith("error: ") and "Traceback" not in err
+    assert "expected" in line and "got" in line, line
+    for n in needles:
+        assert n in line, f"{n!r} not in {line!r}"
+    return line
+
+
+def forbid_calls(monkeypatch, targets, why: str) -> None:
+    """Patch every ``(owner, attribute)`` in ``targets`` with a function that fails the test with ``why``."""
+    def boom(*args, **kwargs):
+        raise AssertionError(why)
+
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, boom)
+
+
+def save_tiny_checkpoint(folder, *, seed: int | None = None, **cfg_kwargs):
+    """Save a tiny reference SSM (T = 2, 16-px input, one block; ``cfg_kwargs`` override) as ``folder/best``."""
+    from facelayers.models import ssm
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(mode="baseline", num_frames=2, moe_blocks="all", temporal_heads=2,
+                  clip_kwargs=ssm.tiny_clip_kwargs(16, 8, 32, 1))
+    kwargs.update(cfg_kwargs)
+    ssm.save_model(ssm.build_model(ssm.ModelConfig(**kwargs)), str(folder), name="best")
+    return folder

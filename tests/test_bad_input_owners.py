@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutils import load_example
+from _testutils import check_script_error as _check_error, forbid_calls, load_example, save_tiny_checkpoint
 
 from facelayers.data import ExpressionRecord
 from facelayers.data.datasets import (
@@ -30,18 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 P = load_example("predict_video")
 S = load_example("ssm_sweep")
 C = load_example("convert_ssm_release")
-
-
-def _check_error(rc: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, f"exit code {rc}, stderr: {err}"
-    assert len(lines) == 1, f"expected one stderr line, got {lines}"
-    line = lines[0]
-    assert line.startswith("error: ") and "Traceback" not in err
-    assert "expected" in line and "got" in line, line
-    for n in needles:
-        assert n in line, f"{n!r} not in {line!r}"
-    return line
 
 
 def _frames(folder: Path, n: int, size: int = 16) -> Path:
@@ -61,12 +49,7 @@ def _frames(folder: Path, n: int, size: int = 16) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny both-task model (T = 2, 16-px input) saved as a checkpoint folder."""
-    folder = tmp_path_factory.mktemp("pv") / "checkpoint"
-    torch.manual_seed(0)
-    cfg = ssm.ModelConfig(mode="baseline", num_frames=2, moe_blocks="all", temporal_heads=2,
-                          clip_kwargs=ssm.tiny_clip_kwargs(16, 8, 32, 1))
-    ssm.save_model(ssm.build_model(cfg), str(folder), name="best")
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("pv") / "checkpoint", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +148,7 @@ def test_c1_convert_refuses_names_that_are_not_a_file_stem(name, tmp_path, capsy
 @pytest.fixture
 def no_runs(monkeypatch):
     """Fail if the sweep starts a run (every case must be refused before)."""
-    def boom(*a, **k):
-        raise AssertionError("a run started")
-
-    monkeypatch.setattr(S, "run_sweep", boom)
-    monkeypatch.setattr(S.R, "run", boom)
+    forbid_calls(monkeypatch, [(S, "run_sweep"), (S.R, "run")], "a run started")
 
 
 ROW = {"config": "ssm", "seed": 0, "uar": 0.5, "war": 0.6, "au_f1": None, "au_auc": None}
@@ -279,11 +258,8 @@ R = load_example("ssm_reference")
 @pytest.fixture
 def no_build(monkeypatch):
     """Any attempt to build data or a model before the arguments are checked fails the test."""
-    def boom(*a, **k):
-        raise AssertionError("data or model built before the arguments were checked")
-
-    monkeypatch.setattr(R, "build_backbone", boom)
-    monkeypatch.setattr(R.ssm_data, "build_datasets", boom)
+    forbid_calls(monkeypatch, [(R, "build_backbone"), (R.ssm_data, "build_datasets")],
+                 "data or model built before the arguments were checked")
 
 
 NO_EFFECT = {

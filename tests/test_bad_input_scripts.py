@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutils import break_weights_file, load_example
+from _testutils import break_weights_file, check_script_error as _check_error, forbid_calls, load_example, save_tiny_checkpoint
 
 from facelayers.models import ssm
 from facelayers.models.cli import UsageError
@@ -24,26 +24,11 @@ P = load_example("predict_video")
 _BUILD_BACKBONE, _BUILD_DATASETS = R.build_backbone, R.ssm_data.build_datasets  # before any patching
 
 
-def _check_error(rc: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, f"exit code {rc}, stderr: {err}"
-    assert len(lines) == 1, f"expected one stderr line, got {lines}"
-    line = lines[0]
-    assert line.startswith("error: ") and "Traceback" not in err
-    assert "expected" in line and "got" in line, line
-    for n in needles:
-        assert n in line, f"{n!r} not in {line!r}"
-    return line
-
-
 @pytest.fixture(autouse=True)
 def _no_side_effects(monkeypatch):
     """Any attempt to build data or a model before the arguments are checked fails the test."""
-    def boom(*a, **k):
-        raise AssertionError("data or model built before the arguments were checked")
-
-    monkeypatch.setattr(R, "build_backbone", boom)
-    monkeypatch.setattr(R.ssm_data, "build_datasets", boom)
+    forbid_calls(monkeypatch, [(R, "build_backbone"), (R.ssm_data, "build_datasets")],
+                 "data or model built before the arguments were checked")
 
 
 REFERENCE_CASES = {
@@ -149,11 +134,7 @@ def test_reference_rejects_dfew_manifest_given_as_mafw(capsys, tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pv") / "checkpoint"
-    cfg = ssm.ModelConfig(mode="baseline", num_frames=2, moe_blocks="all", temporal_heads=2,
-                          clip_kwargs=ssm.tiny_clip_kwargs(16, 8, 32, 1))
-    ssm.save_model(ssm.build_model(cfg), str(folder), name="best")
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("pv") / "checkpoint")
 
 
 @pytest.fixture(scope="module")

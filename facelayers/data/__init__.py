@@ -6,6 +6,7 @@ The synthetic benchmark lives in :mod:`facelayers.data.synthetic` (import it exp
 from __future__ import annotations
 
 from .datasets import (
+    check_frame_counts,
     IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, AUClipDataset, AUWindow, ExpressionClipDataset,
     FrameCountMismatchError, au_windows, decode_video_frames, list_frame_files, load_frame,
     natural_sort_key, read_video_frames, segment_indices, split_runs, video_frame_count,
@@ -28,6 +29,7 @@ from .transforms import (
 from .validate import ISSUE_KINDS, ManifestValidationError, ValidationIssue, ValidationReport, validate_manifest
 
 __all__ = [
+    "check_frame_counts",
     "few_shot_indices", "without_classes_indices",
     "full_windows", "release_segment_indices", "WindowPlanner", "FrameSampler",
     "decode_video_frames", "video_frame_count", "load_frame_uint8", "FrameSizeMismatchError",

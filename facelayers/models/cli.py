@@ -220,9 +220,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
         pass
     from facelayers.models.ssm.builders import BackboneUnavailableError
     from facelayers.models.ssm.data import DataUnavailableError
+    from facelayers.data.datasets import FrameCountMismatchError
     from facelayers.models.ssm.inference import VideoReadError
 
-    types_ += [BackboneUnavailableError, DataUnavailableError, VideoReadError]
+    types_ += [BackboneUnavailableError, DataUnavailableError, VideoReadError, FrameCountMismatchError]
     return tuple(types_)
 
 
