@@ -112,13 +112,7 @@ def read_video_frames(path: PathLike) -> list[Tensor]:
     Raises:
         ImportError: if PyAV is not installed (``pip install av``).
     """
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - av is installed in the dev environment
-        raise ImportError(
-            f"decoding the video file {path} needs PyAV; install it with `pip install av`, "
-            "or extract the frames into a folder of images"
-        ) from e
+    av = _import_av(path)
     frames = []
     with av.open(os.fspath(path)) as container:
         for frame in container.decode(video=0):
