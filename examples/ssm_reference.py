@@ -40,6 +40,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,10 @@ PAPER_LR_VISUAL = 1e-6
 PAPER_LR = 1e-4
 #: The tiny backbones (default tiny shape, CPU-sized defaults): random init and the shipped FACS-pretrained one.
 TINY_BACKBONES = ("tiny", "tiny-facs")
+#: the main job's backbone: the tiny CLIP pretrained on synthetic FACS captions (facelayers.assets)
+DEFAULT_BACKBONE = "tiny-facs"
+#: tiny-facs' vision lr, chosen on validation (docs/reference.md, "The default backbone")
+TINY_FACS_LR_VISUAL = 1e-3
 
 
 def tiny_spec(text: str) -> str:
@@ -158,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default="ssm", help="stl: one task, plain CLIP + linear head; "
                    "baseline: joint MoE + linear heads (Table V row 1); ssm: full model")
     g.add_argument("--task", choices=("exp", "au"), default="exp", help="task of --mode stl")
-    g.add_argument("--backbone", default="tiny", help="'tiny' (random init), 'tiny-facs' (the tiny CLIP pretrained on "
-                   "synthetic FACS captions, shipped with facelayers) or an open_clip name, e.g. ViT-B-16")
+    g.add_argument("--backbone", default=None, help=f"'{DEFAULT_BACKBONE}' (default: the tiny CLIP pretrained on "
+                   "synthetic FACS captions, shipped with facelayers), 'tiny' (the same shape, random init; the "
+                   "default with --tiny) or an open_clip name, e.g. ViT-B-16")
     g.add_argument("--pretrained", default=None, help="local checkpoint file or open_clip tag (e.g. openai)")
     g.add_argument("--tiny", type=tiny_spec, default=None, metavar="IMG,PATCH,WIDTH,LAYERS",
                    help="shape of the tiny backbone, e.g. 32,8,64,2 (default: facelayers.models.ssm.TINY_CLIP)")
@@ -235,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unseen expression classes: their clips are dropped from training and validation, the test "
                         "split keeps every class; e.g. --exp-dataset mafw --unseen-classes "
                         "contempt,anxiety,helplessness,disappointment (metrics report them separately: exp_unseen)")
+    g.add_argument("--unseen-loss", choices=("seen", "all"), default=None,
+                   help="with --unseen-classes: the training softmax runs over the seen classes only (seen, default: "
+                        "the unseen logits get no training signal) or over every class (all: every step pushes the "
+                        "never-trained classes' logits down; docs/reference.md, Transfer settings)")
     g.add_argument("--freeze-visual", action="store_true",
                    help="freeze the backbone's vision weights (MoE shared experts included; the new MoE parts, "
                         "temporal heads, prompts, mapping and heads still train)")
@@ -299,14 +309,32 @@ class Defaults:
     milestones: list[int]
 
 
+#: the tiny backbones' defaults (CPU, synthetic benchmark). tiny: random init, every part at lr 1e-3.
+#: tiny-facs: pretrained, so the paper's split (vision weights at a lower lr than the new parts); the
+#: value was chosen on the validation split (docs/reference.md, "The default backbone").
+TINY_DEFAULTS: dict[str, Defaults] = {
+    "tiny": Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
+                     lr=1e-3, lr_visual=1e-3, milestones=[11]),
+    "tiny-facs": Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
+                          lr=1e-3, lr_visual=TINY_FACS_LR_VISUAL, milestones=[11]),
+}
+
+
+def resolve_backbone(args: argparse.Namespace) -> argparse.Namespace:
+    """``--backbone`` left out: the shipped pretrained tiny CLIP, or the random-init ``tiny`` when
+    ``--tiny`` asks for another shape (the pretrained weights exist for the default shape only)."""
+    if getattr(args, "backbone", None) is None:
+        args.backbone = "tiny" if getattr(args, "tiny", None) else DEFAULT_BACKBONE
+    return args
+
+
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the backbone-dependent defaults (tiny random-init vs pretrained paper config)."""
+    resolve_backbone(args)
     if args.backbone in TINY_BACKBONES:
-        d = Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
-                     lr=1e-3, lr_visual=1e-3, milestones=[11])
+        d = dataclasses.replace(TINY_DEFAULTS[args.backbone])
         if args.quick:
-            d = Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=1, batch_exp=8, batch_au=8,
-                         lr=1e-3, lr_visual=1e-3, milestones=[])
+            d = dataclasses.replace(d, epochs=1, batch_exp=8, batch_au=8, milestones=[])
     else:
         d = Defaults(frames=16, moe_blocks="last:6", temporal_heads=8, epochs=30, batch_exp=12, batch_au=128,
                      lr=PAPER_LR, lr_visual=PAPER_LR_VISUAL, milestones=[10, 20])
@@ -529,12 +557,15 @@ def make_eval_loader(ds: Any, batch: int, dd: Dist, workers: int) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def compute_losses(out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam: float) -> dict[str, Tensor]:
+def compute_losses(out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam: float,
+                   exp_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """The step's losses; ``exp_classes``: the classes the expression softmax runs over (the seen
+    ones under ``--unseen-classes``; ``None`` = all)."""
     from facelayers.losses import au_loss, expression_loss, joint_loss
 
     l_exp = l_au = None
     if eb is not None and "exp_logits" in out:
-        l_exp = expression_loss(out["exp_logits"].float(), eb["label"])
+        l_exp = expression_loss(out["exp_logits"].float(), eb["label"], classes=exp_classes)
     if ab is not None and "au_logits" in out:
         logits = out["au_logits"].float()
         labels = ab["labels"].float()
@@ -590,10 +621,10 @@ class RecipePieces:
         return dict(ab, clip=clip), (perm, lam)
 
     def losses(self, out: dict[str, Tensor], eb: dict | None, ab: dict | None, lam: float,
-               mix: tuple[Tensor, float] | None) -> dict[str, Tensor]:
+               mix: tuple[Tensor, float] | None, exp_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
         from facelayers.losses import joint_loss
 
-        res = compute_losses(out, eb, ab, lam)
+        res = compute_losses(out, eb, ab, lam, exp_classes)
         if mix is None and self.balance is None:
             return res
         l_exp, l_au = res.get("loss_exp"), res.get("loss_au")
@@ -687,8 +718,9 @@ def train_one_epoch(model: nn.Module, core: SSMModel, pairs: Any, optimizer: tor
         with core.routing(n_exp, n_au, t, device):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(exp_clips, au_clips)
-            losses = (pieces.losses(out, eb, ab, args.lam, mix) if pieces is not None
-                      else compute_losses(out, eb, ab, args.lam))
+            exp_classes = getattr(args, "exp_train_classes", None)
+            losses = (pieces.losses(out, eb, ab, args.lam, mix, exp_classes) if pieces is not None
+                      else compute_losses(out, eb, ab, args.lam, exp_classes))
             loss = losses["loss"]
             if dd.enabled and not args.ddp_find_unused:
                 loss = loss + zero_contribution(core)
@@ -817,10 +849,12 @@ def tuned_au_f1_release(dataset: Any, parts: list[tuple[Tensor, ...]], dd: Dist)
 
 @torch.no_grad()
 def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: Dist, args: argparse.Namespace,
-             tuned_au: Any = None) -> dict[str, Any]:
+             tuned_au: Any = None, among_unseen: bool = False) -> dict[str, Any]:
     """Test / validation metrics with facelayers' streaming meters (reduced over DDP ranks; each
     rank evaluates its own shard of the items). ``tuned_au``: the AU dataset behind ``loaders["au"]``
-    to also report the release's tuned AU F1 over its frames (optimistic; beside F1@0.5)."""
+    to also report the release's tuned AU F1 over its frames (optimistic; beside F1@0.5).
+    ``among_unseen`` (the test split under ``--unseen-classes``; validation has no unseen clip): also
+    classify the unseen clips among the unseen classes only (``exp.among_unseen``)."""
     from facelayers.metrics import AUMeter, ExpressionMeter
 
     amp = device.type == "cuda" and not args.no_amp
@@ -832,12 +866,23 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
             continue
         meter = ExpressionMeter(len(cfg.expressions)) if task == "exp" else AUMeter(len(cfg.aus))
         frames: list[tuple[Tensor, ...]] | None = [] if task == "au" and tuned_au is not None else None
+        # unseen-class setting: the unseen clips also classified among the unseen classes only
+        unseen = ([list(cfg.expressions).index(n) for n in unseen_names(args)]
+                  if task == "exp" and among_unseen and getattr(args, "unseen_classes", None) else [])
+        among = ExpressionMeter(len(unseen)) if unseen else None
         for batch in loaders[task]:
             batch = to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = core(batch["clip"], None) if task == "exp" else core(None, batch["clip"])
             if task == "exp":
                 meter.update(out["exp_logits"].float().softmax(-1), batch["label"])
+                if among is not None:
+                    lookup = torch.full((len(cfg.expressions),), -1, dtype=torch.long, device=batch["label"].device)
+                    lookup[unseen] = torch.arange(len(unseen), device=lookup.device)
+                    pos = lookup[batch["label"].long()]
+                    keep = pos >= 0
+                    if bool(keep.any()):
+                        among.update(out["exp_logits"].float()[keep][:, unseen].softmax(-1), pos[keep])
             else:
                 probs, labels, keep = _au_batch(out, batch)
                 meter.update(probs, labels, keep)
@@ -848,6 +893,10 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
         if task == "exp":
             res["exp"] = {"uar": float(m["uar"]), "war": float(m["war"]),
                           "confusion_matrix": m["confusion_matrix"].tolist(), "n": int(m["num_samples"])}
+            if among is not None:
+                mu = among.compute()
+                res["exp"]["among_unseen"] = {"uar": float(mu["uar"]), "accuracy": float(mu["war"]),
+                                              "n": int(mu["num_samples"])}
             continue
 
         def per_au(values: Tensor) -> dict[str, float | None]:
@@ -924,6 +973,9 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
         lines.append(f"{'unseen-class UAR':<{w}}{pct(unseen['uar'])}{100 / k:>10.2f}")
         lines.append(f"{'unseen-class accuracy':<{w}}{pct(unseen['accuracy'])}{'':>10}")
         lines.append(f"{'seen-class UAR':<{w}}{pct(unseen['seen_uar'])}{100 / k:>10.2f}")
+        if unseen.get("among_unseen_uar") is not None:
+            lines.append(f"{'unseen UAR among unseen':<{w}}{pct(unseen['among_unseen_uar'])}"
+                         f"{100 / len(unseen['classes']):>10.2f}")
     if "au" in test:
         ch = chance.get("au_f1_all_positive")
         lines.append(f"{'AU F1@0.5 (mean)':<{w}}{100 * test['au']['f1_mean']:>10.2f}"
@@ -936,7 +988,9 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
             lines.append(f"{'  F1 ' + k:<{w}}{('%10.2f' % (100 * v)) if v is not None else '       n/a'}")
     lines.append("(chance: UAR = 1/K; AU F1 = predicting every AU active; AUC = 50)")
     if unseen is not None:
-        lines.append(f"unseen classes (no training clip): {', '.join(unseen['classes'])}")
+        lines.append(f"unseen classes (no training clip): {', '.join(unseen['classes'])}"
+                     + ("; 'among unseen': their clips classified among these classes only (zero-shot naming)"
+                        if unseen.get("among_unseen_uar") is not None else ""))
     if tuned is not None:
         lines.append(f"{tuned['name']}: the released code's AU F1, threshold {tuned['threshold']:g} and vote "
                      f"(>= {tuned['vote_count']} of {2 * tuned['vote_window'] + 1} frames, within each of "
@@ -1095,6 +1149,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     data = transfer_data(build_data(args, dd), args)
     t_data = time.time() - t_data
     cfg = model_config(args, data.expressions, data.aus)
+    if args.unseen_classes and (args.unseen_loss or "seen") == "seen":  # the training softmax over seen classes
+        unseen = set(unseen_names(args))
+        args.exp_train_classes = [i for i, e in enumerate(cfg.expressions) if e not in unseen]
     seed_everything(args.seed)  # model init independent of how much randomness data building used
     if cfg.backbone in TINY_BACKBONES and cfg.clip_kwargs is None:
         cfg.clip_kwargs = copy.deepcopy(TINY_CLIP)
@@ -1268,9 +1325,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if os.path.isfile(os.path.join(ckpt, "best.safetensors")):
         load_best(core, ckpt)
     tuned_au = data.test.get("au") if args.tuned_au_f1 == "on" and "au" in cfg.tasks else None
-    test = evaluate(core, test_loaders, device, dd, args, tuned_au=tuned_au)
+    test = evaluate(core, test_loaders, device, dd, args, tuned_au=tuned_au, among_unseen=True)
     if args.unseen_classes and "exp" in test:
         test["exp_unseen"] = unseen_class_metrics(test["exp"]["confusion_matrix"], cfg.expressions, unseen_names(args))
+        among = test["exp"].get("among_unseen")
+        if among is not None:  # zero-shot naming: the unseen clips among the unseen classes only
+            test["exp_unseen"].update(among_unseen_uar=among["uar"], among_unseen_accuracy=among["accuracy"])
     if optimistic:  # every number of a test-selected checkpoint is optimistic
         for part in test.values():
             part["optimistic"] = True
@@ -1383,6 +1443,12 @@ def check_transfer_args(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise err(f"--unseen-classes: {str(e).removeprefix('unseen classes: ')} (--exp-dataset "
                       f"{args.exp_dataset})") from None
+    if args.unseen_loss is not None and args.unseen_classes is None:
+        raise err(f"--unseen-loss: chooses the training softmax of the unseen-class setting (expected "
+                  f"--unseen-classes with it, got --unseen-loss {args.unseen_loss} alone)")
+    if args.unseen_classes is not None and args.recipe == "ssm_release":
+        raise err("--unseen-classes: the release recipe's losses always run over every class (expected --recipe "
+                  "paper, got --recipe ssm_release)")
     if args.freeze_visual:
         if args.lr_visual is not None:
             raise err(f"--freeze-visual: the vision weights do not train (expected no --lr-visual with it, got "
@@ -1489,6 +1555,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
     err = cli.UsageError
     ocfg: dict[str, Any] = {}
+    resolve_backbone(args)
     if args.backbone in TINY_BACKBONES:
         if args.pretrained:
             raise err(f"--pretrained: the {args.backbone} backbone brings its own initialisation (expected no "

@@ -25,6 +25,8 @@ reduction="mean")`` averages over every counted (sample, AU) element, like
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ def expression_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     check_values: bool | None = None,
+    classes: Sequence[int] | Tensor | None = None,
 ) -> Tensor:
     """Softmax cross-entropy for single-label expression classification (paper eqs. 7 and 12).
 
@@ -56,6 +59,13 @@ def expression_loss(
         label_smoothing: in ``[0, 1)``; the target becomes ``(1 - eps) * onehot + eps / K``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]``).
         check_values: check class indices and weights by value (see the module docstring).
+        classes: optional class indices (distinct, in ``[0, K)``) the softmax runs over; the other
+            logits are left out, as if those classes did not exist (training with some classes
+            held out, e.g. the unseen-class transfer setting: a plain ``K``-way softmax would
+            push the held-out logits down on every step). Targets must lie in ``classes`` (an
+            index target outside it is an error when values are checked; a probability target
+            must put no mass outside). ``weight`` stays ``[K]``; smoothing spreads over
+            ``len(classes)``. ``None`` (default): all ``K`` classes.
 
     Returns:
         Scalar loss (or ``[B]`` for ``reduction="none"``).
@@ -119,7 +129,49 @@ def expression_loss(
         if _check_values(check_values, weight) and (weight < 0).any():
             raise ValueError(f"weight must be non-negative (expected values >= 0, got min {float(weight.min())})")
         weight = weight.to(device=logits.device, dtype=logits.dtype)
+    if classes is not None:
+        logits, target, weight = _restrict_classes(logits, target, weight, classes, check_values)
     return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def _restrict_classes(
+    logits: Tensor, target: Tensor, weight: Tensor | None, classes: Sequence[int] | Tensor, check_values: bool | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``expression_loss(classes=...)``: keep the listed logits and re-index the targets."""
+    k = logits.shape[1]
+    if isinstance(classes, Tensor):
+        if classes.ndim != 1 or classes.is_floating_point() or classes.dtype == torch.bool:
+            raise ValueError(f"classes must be 1-D integer class indices (expected [C] integers, got {_desc(classes)})")
+        ids = [int(c) for c in classes.tolist()]
+    else:
+        try:
+            ids = [operator.index(c) for c in classes]
+        except TypeError:
+            raise TypeError(f"classes must be integer class indices (expected a sequence of int, got {classes!r})") from None
+    if not ids:
+        raise ValueError("classes is empty (expected at least one class index)")
+    bad = [c for c in ids if not 0 <= c < k]
+    if bad:
+        raise ValueError(f"classes are out of range for K={k} logits (expected values in [0, {k}), got {bad})")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"classes has repeated indices (expected distinct values, got {ids})")
+    idx = torch.tensor(ids, dtype=torch.long, device=logits.device)
+    if target.ndim == 1:
+        lookup = torch.full((k,), -1, dtype=torch.long, device=target.device)
+        lookup[idx.to(target.device)] = torch.arange(len(ids), device=target.device)
+        new_target = lookup[target]
+        if _check_values(check_values, target) and (new_target < 0).any():
+            outside = sorted({int(t) for t in target[new_target < 0].tolist()})
+            raise ValueError(f"target classes are not in classes (expected targets among {ids}, got {outside})")
+    else:
+        kept = target.index_select(1, idx.to(target.device))
+        if _check_values(check_values, target):
+            lost = float((target.sum(1) - kept.sum(1)).abs().max())
+            if lost > 1e-6:
+                raise ValueError(f"probability target puts mass outside classes (expected 0 outside {ids}, got up to {lost:.3g})")
+        new_target = kept
+    new_weight = weight.index_select(0, idx) if weight is not None else None
+    return logits.index_select(1, idx), new_target, new_weight
 
 
 def au_loss(

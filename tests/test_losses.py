@@ -69,6 +69,71 @@ def test_expression_loss_validation(logits, target, kw, err, match):
         expression_loss(logits, target, **kw)
 
 
+@given(st.integers(1, 6), st.integers(3, 9), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.2]),
+       st.booleans(), st.booleans())
+def test_expression_loss_classes_is_the_softmax_over_those_classes(b, k, seed, eps, weighted, soft):
+    """``classes=``: a softmax over the kept logits only (numpy without class weights; with them,
+    PyTorch's weighted CE on the hand-sliced logits); the left-out logits get no gradient."""
+    g = _gen(seed)
+    keep = sorted(torch.randperm(k, generator=g)[: max(2, k - 2)].tolist())
+    logits = torch.randn(b, k, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randint(0, len(keep), (b,), generator=g)
+    w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    if soft:
+        p = torch.rand(b, len(keep), generator=g, dtype=torch.float64).softmax(1)
+        target = torch.zeros(b, k, dtype=torch.float64)
+        target[:, keep] = p
+        sliced_target = p
+    else:
+        target = torch.tensor(keep)[pos]
+        sliced_target = pos
+    z = logits.detach()[:, keep]
+    if w is None:
+        zn = z.numpy()
+        logp = zn - zn.max(1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        q = sliced_target.numpy() if soft else np.eye(len(keep))[pos.numpy()]
+        q = (1 - eps) * q + eps / len(keep)
+        ref = float(-(q * logp).sum(1).mean())
+    else:
+        ref = float(torch.nn.functional.cross_entropy(z, sliced_target, weight=w[keep], label_smoothing=eps))
+    got = expression_loss(logits, target, classes=keep, label_smoothing=eps, weight=w)
+    assert math.isclose(float(got.detach()), ref, rel_tol=1e-9, abs_tol=1e-12)
+    got.backward()
+    dropped = [c for c in range(k) if c not in keep]
+    assert torch.all(logits.grad[:, dropped] == 0)
+    assert torch.any(logits.grad[:, keep] != 0)
+    # all classes kept == no restriction; a Tensor of indices == the list
+    full = expression_loss(logits.detach(), target, classes=list(range(k)), label_smoothing=eps, weight=w)
+    torch.testing.assert_close(full, expression_loss(logits.detach(), target, label_smoothing=eps, weight=w))
+    torch.testing.assert_close(expression_loss(logits.detach(), target, classes=torch.tensor(keep),
+                                               label_smoothing=eps, weight=w), got.detach())
+
+
+def test_expression_loss_classes_gradcheck():
+    logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, 2])
+    assert torch.autograd.gradcheck(lambda z: expression_loss(z, target, classes=[4, 0, 2]), (logits,))
+
+
+@pytest.mark.parametrize(
+    "target, classes, err, match",
+    [
+        (torch.tensor([0, 1, 3]), [0, 1], ValueError, r"expected targets among \[0, 1\], got \[3\]"),
+        (torch.tensor([0, 1, 1]), [0, 5], ValueError, r"out of range for K=4.*got \[5\]"),
+        (torch.tensor([0, 1, 1]), [0, 1, 1], ValueError, "repeated"),
+        (torch.tensor([0, 1, 1]), [], ValueError, "empty"),
+        (torch.tensor([0, 1, 1]), [0.5, 1], TypeError, "integer"),
+        (torch.tensor([0, 1, 1]), torch.tensor([[0, 1]]), ValueError, "1-D integer"),
+        (torch.tensor([[0.5, 0.0, 0.0, 0.5]] * 3), [0, 1], ValueError, "mass outside"),
+    ],
+    ids=["target-outside", "class-out-of-range", "repeated", "empty", "float-class", "2d-classes", "soft-mass-outside"],
+)
+def test_expression_loss_classes_validation(target, classes, err, match):
+    with pytest.raises(err, match=match):
+        expression_loss(torch.randn(3, 4), target, classes=classes)
+
+
 # ---------------------------------------------------------------- AU loss
 
 

@@ -159,6 +159,8 @@ def test_unseen_class_metrics_known_answer():
     (["--freeze-visual", "--recipe", "ssm_release"], "expected --recipe paper"),
     (["--backbone", "tiny-facs", "--tiny", "32,8,64,2"], "tiny-facs backbone has the default tiny shape"),
     (["--quick", "--exp-shots", "500"], "fewer training clips"),  # found when the data is built
+    (["--unseen-loss", "seen"], "expected --unseen-classes with it"),
+    (["--exp-dataset", "mafw", "--unseen-classes", "contempt", "--recipe", "ssm_release"], "expected --recipe paper"),
 ])
 def test_bad_transfer_values_exit_2_one_line(argv, needle, tmp_path, capsys):
     rc = R.main([*argv, "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"])
@@ -208,10 +210,27 @@ def test_quick_unseen_sweep_row_and_table(tmp_path, capsys):
     assert u["classes"] == list(UNSEEN) and set(u["recall"]) == set(UNSEEN)
     cm = torch.tensor(m["test"]["exp"]["confusion_matrix"])
     assert cm.shape == (11, 11) and int(cm[7:].sum()) == u["n"] > 0
+    among = u.pop("among_unseen_uar"), u.pop("among_unseen_accuracy")
     assert u == R.unseen_class_metrics(cm, facs.EXPRESSIONS_11, list(UNSEEN))
+    # the unseen clips among the unseen classes only: all of them counted, a UAR in [0, 1]
+    assert m["test"]["exp"]["among_unseen"]["n"] == u["n"] and all(0 <= v <= 1 for v in among)
+    assert row["among_unseen_uar"] == among[0]
+    # training softmax over the 7 seen classes (MAFW's basic ones come first)
+    assert m["args"]["exp_train_classes"] == list(range(7)) and m["args"]["unseen_loss"] is None
     summary = (out / "unseen" / "baseline-seed0" / "summary.txt").read_text()
     assert "unseen-class UAR" in summary and "contempt, anxiety" in summary
     assert "| unseen classes (MAFW's 4 compound classes never trained) | Baseline" in printed
+    assert "unseen UAR among unseen" in summary
+
+
+def test_quick_unseen_loss_all_trains_every_class(tmp_path):
+    """``--unseen-loss all``: the old softmax over all 11 classes (no class subset recorded)."""
+    out = tmp_path / "all"
+    assert R.main(["--quick", "--exp-dataset", "mafw", "--unseen-classes", ",".join(UNSEEN), "--unseen-loss", "all",
+                   "--out", str(out), "--no-progress", "--no-plots", "--mode", "stl", "--task", "exp"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "exp_train_classes" not in m["args"] and m["args"]["unseen_loss"] == "all"
+    assert "among_unseen_uar" in m["test"]["exp_unseen"]
 
 
 def test_sweep_settings_validate_for_the_ablation_configs(tmp_path):
