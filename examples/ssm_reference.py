@@ -2,7 +2,8 @@
 """Reference SSM: build, train, evaluate and report (``python examples/ssm_reference.py``).
 
 With no arguments it trains the full SSM (MoE CLIP encoder, temporal heads, TSP prompts, DPM,
-cosine heads) from a random-init tiny CLIP on the synthetic FACS video benchmark in a few minutes
+cosine heads) on the shipped tiny CLIP pretrained on synthetic FACS captions (``--backbone tiny``:
+the same shape from random init) on the synthetic FACS video benchmark in a few minutes
 on 2 CPU cores, evaluates it on held-out test data (model selection on a validation split carved
 from the training data), writes a run folder and prints a summary table. With arguments it runs the
 paper's setup (ViT-B/16 weights, BP4D/DISFA + DFEW/FERV39K/MAFW). See ``docs/reference.md``.
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-au", type=pos_int, default=None, help="AU clips per step (paper 128)")
     g.add_argument("--lr", type=pos_float, default=None, help=f"lr of new parts (paper {PAPER_LR:g}; tiny default 1e-3)")
     g.add_argument("--lr-visual", type=pos_float, default=None,
-                   help=f"lr of the pretrained vision weights (paper {PAPER_LR_VISUAL:g}; tiny random-init default 1e-3)")
+                   help=f"lr of the pretrained vision weights (paper {PAPER_LR_VISUAL:g}; tiny and tiny-facs default 1e-3, "
+                        "tiny-facs' chosen on validation: docs/reference.md)")
     g.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
     g.add_argument("--milestones", type=pos_int, nargs="*", default=None, help="epochs where lr *= gamma (paper 10 20)")
     g.add_argument("--gamma", type=pos_float, default=0.1)

@@ -177,12 +177,26 @@ def test_quick_exp_shots_run_trains_on_k_per_class(tmp_path, capsys):
     assert m["args"]["exp_shots"] == 2 and "exp_unseen" not in m["test"]
 
 
+def test_default_backbone_is_the_shipped_tiny_facs_clip(tmp_path):
+    """No --backbone: the shipped FACS-pretrained tiny CLIP with its own defaults; --tiny (another
+    shape, no pretrained weights for it) falls back to the random-init tiny backbone."""
+    base = ["--out", str(tmp_path / "x")]
+    a = R.validate_args(R.build_parser().parse_args(base))
+    assert a.backbone == R.DEFAULT_BACKBONE == "tiny-facs"
+    assert (a.lr, a.lr_visual) == (R.TINY_DEFAULTS["tiny-facs"].lr, R.TINY_FACS_LR_VISUAL)
+    assert R.validate_args(R.build_parser().parse_args([*base, "--tiny", "32,8,32,1"])).backbone == "tiny"
+    assert R.validate_args(R.build_parser().parse_args([*base, "--backbone", "tiny"])).backbone == "tiny"
+    with pytest.raises(R.cli.UsageError, match="brings its own initialisation"):
+        R.validate_args(R.build_parser().parse_args([*base, "--pretrained", "openai"]))
+
+
 def test_quick_freeze_visual_keeps_the_vision_weights(tmp_path):
+    """Also the main job's default backbone (no --backbone): its vision weights are the shipped ones."""
     from facelayers.assets import load_tiny_facs_clip
 
     out = tmp_path / "frozen"
     args = R.validate_args(R.build_parser().parse_args(
-        ["--quick", "--backbone", "tiny-facs", "--freeze-visual", "--out", str(out), "--no-progress", "--no-plots",
+        ["--quick", "--freeze-visual", "--out", str(out), "--no-progress", "--no-plots",
          "--mode", "stl", "--task", "exp"]))
     R.run(args)
     from safetensors.torch import load_file
