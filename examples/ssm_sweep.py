@@ -4,7 +4,7 @@
     python examples/ssm_sweep.py --out runs/sweep --seeds 0 1 2 -- --synthetic-size 0.5 --epochs 8
     python examples/ssm_sweep.py --out runs/sweep --configs ssm baseline --seeds 0   # a subset
     python examples/ssm_sweep.py --out runs/sweep --table                            # table only
-    python examples/ssm_sweep.py --out runs/sweep --setting unseen --configs baseline tsp ssm --seeds 0 -- --backbone tiny-facs
+    python examples/ssm_sweep.py --out runs/sweep --setting unseen --configs baseline tsp ssm --seeds 0
 
 Arguments after ``--`` go to every ``ssm_reference.py`` run; ``--setting`` adds a transfer
 setting's flags to every run (``SETTINGS``; docs/reference.md, "Transfer settings"). Runs execute in this process one after
