@@ -857,7 +857,7 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
     to also report the release's tuned AU F1 over its frames (optimistic; beside F1@0.5).
     ``among_unseen`` (the test split under ``--unseen-classes``; validation has no unseen clip): also
     classify the unseen clips among the unseen classes only (``exp.among_unseen``)."""
-    from facelayers.metrics import AUMeter, ExpressionMeter
+    from facelayers.metrics import AUMeter, ExpressionMeter, seen_unseen_curve
 
     amp = device.type == "cuda" and not args.no_amp
     core.eval()
@@ -872,6 +872,7 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
         unseen = ([list(cfg.expressions).index(n) for n in unseen_names(args)]
                   if task == "exp" and among_unseen and getattr(args, "unseen_classes", None) else [])
         among = ExpressionMeter(len(unseen)) if unseen else None
+        exp_logits: list[tuple[Tensor, Tensor]] = []  # (logits, labels) of every clip, for the seen-unseen curve
         for batch in loaders[task]:
             batch = to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -879,6 +880,7 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
             if task == "exp":
                 meter.update(out["exp_logits"].float().softmax(-1), batch["label"])
                 if among is not None:
+                    exp_logits.append((out["exp_logits"].float().detach().cpu(), batch["label"].detach().cpu()))
                     lookup = torch.full((len(cfg.expressions),), -1, dtype=torch.long, device=batch["label"].device)
                     lookup[unseen] = torch.arange(len(unseen), device=lookup.device)
                     pos = lookup[batch["label"].long()]
@@ -899,6 +901,12 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
                 mu = among.compute()
                 res["exp"]["among_unseen"] = {"uar": float(mu["uar"]), "accuracy": float(mu["war"]),
                                               "n": int(mu["num_samples"])}
+                parts = [p for rank_parts in _gather(exp_logits, dd) for p in rank_parts]
+                curve = seen_unseen_curve(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), unseen)
+                res["exp"]["seen_unseen"] = {
+                    "ausuc": curve["ausuc"], "seen_uar_at_0": curve["seen_uar_at_0"],
+                    "unseen_uar_at_0": curve["unseen_uar_at_0"],
+                    "unseen_uar": curve["unseen_uar"].tolist(), "seen_uar": curve["seen_uar"].tolist()}
             continue
 
         def per_au(values: Tensor) -> dict[str, float | None]:
@@ -978,6 +986,8 @@ def summary_table(test: dict[str, Any], chance: dict[str, float], cfg: ModelConf
         if unseen.get("among_unseen_uar") is not None:
             lines.append(f"{'unseen UAR among unseen':<{w}}{pct(unseen['among_unseen_uar'])}"
                          f"{100 / len(unseen['classes']):>10.2f}")
+        if unseen.get("ausuc") is not None:
+            lines.append(f"{'AUSUC (seen-unseen curve)':<{w}}{pct(unseen['ausuc'])}{'':>10}")
     if "au" in test:
         ch = chance.get("au_f1_all_positive")
         lines.append(f"{'AU F1@0.5 (mean)':<{w}}{100 * test['au']['f1_mean']:>10.2f}"
@@ -1332,7 +1342,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         test["exp_unseen"] = unseen_class_metrics(test["exp"]["confusion_matrix"], cfg.expressions, unseen_names(args))
         among = test["exp"].get("among_unseen")
         if among is not None:  # zero-shot naming: the unseen clips among the unseen classes only
-            test["exp_unseen"].update(among_unseen_uar=among["uar"], among_unseen_accuracy=among["accuracy"])
+            test["exp_unseen"].update(among_unseen_uar=among["uar"], among_unseen_accuracy=among["accuracy"],
+                                      ausuc=test["exp"]["seen_unseen"]["ausuc"])
     if optimistic:  # every number of a test-selected checkpoint is optimistic
         for part in test.values():
             part["optimistic"] = True

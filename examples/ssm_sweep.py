@@ -151,7 +151,7 @@ def run_sweep(out: str, configs: Sequence[str], seeds: Sequence[int], extra: Seq
             unseen = test.get("exp_unseen")
             if unseen is not None:
                 row.update(unseen_uar=unseen["uar"], unseen_accuracy=unseen["accuracy"], seen_uar=unseen["seen_uar"],
-                           among_unseen_uar=unseen.get("among_unseen_uar"))
+                           among_unseen_uar=unseen.get("among_unseen_uar"), ausuc=unseen.get("ausuc"))
             with open(results_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -179,8 +179,8 @@ def make_table(out: str) -> str:
                  "|---|---|---|---|---|---|"]
     else:
         lines = ["| transfer setting | model | seeds | expression UAR | expression WAR | unseen-class UAR | "
-                 "unseen-class acc. | seen-class UAR | unseen UAR among unseen | AU F1@0.5 | AU AUC |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "unseen-class acc. | seen-class UAR | unseen UAR among unseen | AUSUC | AU F1@0.5 | AU AUC |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         for name in CONFIGS:
             if (setting, name) not in by:
@@ -189,7 +189,7 @@ def make_table(out: str) -> str:
             cells = [_mean_std([r["uar"] for r in rs]), _mean_std([r["war"] for r in rs])]
             if transfer:
                 cells += [_mean_std([r.get(k) for r in rs])
-                          for k in ("unseen_uar", "unseen_accuracy", "seen_uar", "among_unseen_uar")]
+                          for k in ("unseen_uar", "unseen_accuracy", "seen_uar", "among_unseen_uar", "ausuc")]
             cells += [_mean_std([r["au_f1"] for r in rs]), _mean_std([r["au_auc"] for r in rs])]
             head = [SETTINGS[setting][1], CONFIGS[name][1]] if transfer else [CONFIGS[name][1]]
             lines.append("| " + " | ".join([*head, str(len(rs)), *cells]) + " |")

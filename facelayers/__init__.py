@@ -35,8 +35,8 @@ from .training import ClipMixup, MovingMeanLossBalance, ParameterEMA, mix_clips,
 
 from .losses import au_loss, expression_loss, joint_loss
 from .metrics import (
-    AUMeter, ExpressionMeter, au_auc, au_f1, confusion_matrix, per_class_recall, tuned_au_f1, uar,
-    war,
+    AUMeter, ExpressionMeter, au_auc, au_f1, confusion_matrix, per_class_recall, seen_unseen_curve, tuned_au_f1,
+    uar, war,
 )
 from .temporal import (
     ClipTemporalHead, FrameTemporalHead, GatedClsTemporalHead, LocalFrameAttention,
@@ -74,7 +74,7 @@ __all__ = [
     # temporal, losses, metrics
     "TemporalTransformer", "ClipTemporalHead", "FrameTemporalHead", "LocalFrameAttention",
     "LocalFrameTemporalHead", "GatedClsTemporalHead", "expression_loss", "au_loss", "joint_loss",
-    "au_f1", "au_auc", "per_class_recall", "uar", "war", "confusion_matrix", "tuned_au_f1",
+    "au_f1", "au_auc", "per_class_recall", "uar", "war", "confusion_matrix", "tuned_au_f1", "seen_unseen_curve",
     "AUMeter", "ExpressionMeter",
     # data
     "data", "AUClipDataset", "AURecord", "ExpressionClipDataset", "ExpressionRecord",

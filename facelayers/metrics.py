@@ -37,6 +37,7 @@ __all__ = [
     "war",
     "confusion_matrix",
     "tuned_au_f1",
+    "seen_unseen_curve",
     "AUMeter",
     "ExpressionMeter",
 ]
@@ -449,6 +450,83 @@ def war(pred: Tensor, target: Tensor) -> float:
     if p.numel() == 0:
         raise ValueError("war needs at least one sample (expected N >= 1, got N=0)")
     return float((p == t).double().mean())
+
+
+def seen_unseen_curve(logits: Tensor, target: Tensor, unseen: Sequence[int]) -> dict[str, object]:
+    """Generalised zero-shot evaluation without choosing a calibration: the seen-unseen curve and
+    the area under it (AUSUC; Chao et al., "An empirical study and analysis of generalized
+    zero-shot learning for object recognition in the wild", ECCV 2016).
+
+    A constant ``gamma`` subtracted from every seen class's logit moves predictions from seen to
+    unseen classes; sweeping it from ``-inf`` (every clip given its best seen class) to ``+inf``
+    (its best unseen class) traces the unseen-class UAR (x) against the seen-class UAR (y).
+    ``gamma = 0`` is the plain argmax. UARs are means of per-class recall over the classes with
+    test samples of each group. Every reachable point is returned (ties in the score gap move
+    together), so the area is exact, not sampled.
+
+    Args:
+        logits: ``[N, K]`` class scores (any monotone per-clip shift cancels; logits or
+            log-probabilities, not probabilities of different temperature).
+        target: ``[N]`` class indices in ``[0, K)``.
+        unseen: the unseen class ids (distinct, a non-empty proper subset of ``range(K)``).
+
+    Returns:
+        ``{"ausuc": float, "unseen_uar": Tensor[P], "seen_uar": Tensor[P], "gamma": Tensor[P],
+        "seen_uar_at_0": float, "unseen_uar_at_0": float}``: the curve's points in order of
+        increasing ``gamma`` (the smallest shift that reaches each point; ``-inf`` first: every
+        sample given its best seen class; a sample moves to its best unseen class once
+        ``gamma >= best seen logit - best unseen logit``), float64 on the CPU.
+
+    Raises:
+        ValueError: bad shapes or ids, or no test sample of a seen or of an unseen class.
+
+    Examples::
+
+        >>> logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 2.0, 1.5], [1.0, 0.0, 0.5]])
+        >>> seen_unseen_curve(logits, torch.tensor([0, 1, 2]), unseen=[2])["ausuc"]
+        0.75
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a float Tensor [N, K], got {_desc(logits)}")
+    n, k = logits.shape
+    t = _class_target(target, n, k).cpu()
+    ids = [int(c) for c in unseen]
+    if not ids or len(set(ids)) != len(ids) or any(not 0 <= c < k for c in ids) or len(ids) == k:
+        raise ValueError(f"unseen: expected distinct class ids in [0, {k}), at least one and not all, got {ids}")
+    z = logits.detach().double().cpu()
+    is_unseen = torch.zeros(k, dtype=torch.bool)
+    is_unseen[ids] = True
+    seen_ids = (~is_unseen).nonzero().flatten()
+    unseen_ids = is_unseen.nonzero().flatten()
+    s_val, s_arg = z[:, seen_ids].max(1)
+    u_val, u_arg = z[:, unseen_ids].max(1)
+    best_seen, best_unseen = seen_ids[s_arg], unseen_ids[u_arg]
+    support = torch.bincount(t, minlength=k).double()
+    lab_unseen = is_unseen[t]
+    n_seen_cls = int((support[seen_ids] > 0).sum())
+    n_unseen_cls = int((support[unseen_ids] > 0).sum())
+    if n_seen_cls == 0 or n_unseen_cls == 0:
+        raise ValueError(f"seen_unseen_curve needs test samples of seen and of unseen classes (expected both, got "
+                         f"{n_seen_cls} seen and {n_unseen_cls} unseen classes with samples)")
+    # each sample's share of its group's UAR when it is classified correctly
+    w = 1.0 / support[t]
+    credit_seen = torch.where(~lab_unseen & (best_seen == t), w / n_seen_cls, torch.zeros(n, dtype=torch.float64))
+    credit_unseen = torch.where(lab_unseen & (best_unseen == t), w / n_unseen_cls, torch.zeros(n, dtype=torch.float64))
+    gap = s_val - u_val  # a sample goes to its best unseen class once gamma >= gap
+    order = torch.argsort(gap)
+    g = gap[order]
+    cs, cu = credit_seen[order], credit_unseen[order]
+    # after the first j samples (in gap order) moved to unseen: unseen credit = cumsum, seen = rest
+    cu_cum = torch.cat([torch.zeros(1, dtype=torch.float64), cu.cumsum(0)])
+    cs_rest = torch.cat([cs.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    ends = torch.cat([torch.tensor([0]), (torch.nonzero(g[1:] != g[:-1]).flatten() + 1), torch.tensor([n])])
+    x, y = cu_cum[ends], cs_rest[ends]
+    # the smallest gamma that reaches each point (-inf: nothing moved yet)
+    gam = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), g[ends[1:] - 1]])
+    area = float(torch.trapezoid(y, x))
+    at0 = int((g <= 0).sum())  # gamma = 0: the plain argmax (an exact tie goes to the unseen class)
+    return {"ausuc": area, "unseen_uar": x, "seen_uar": y, "gamma": gam,
+            "seen_uar_at_0": float(cs[at0:].sum()), "unseen_uar_at_0": float(cu[:at0].sum())}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from metrics_ddp_worker import ddp_inputs, ddp_worker
 from _testutils import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from facelayers.metrics import (
+    seen_unseen_curve,
     AUMeter,
     ExpressionMeter,
     au_auc,
@@ -442,3 +443,67 @@ def test_tuned_au_f1_reproduces_release_reported_f1(seed):
     got = tuned_au_f1(probs, target, ths, vote_windows=ks, vote_fractions=fractions, segment_ids=seg_ids,
                       zero_division=0.0)
     assert got["mean"] == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- generalised zero-shot: seen-unseen curve
+
+
+def _brute_uars(z: np.ndarray, t: np.ndarray, unseen: list[int], gamma: float) -> tuple[float, float]:
+    """Seen / unseen UAR of argmax(z - gamma * [class is seen]) by plain loops."""
+    k = z.shape[1]
+    shifted = z - gamma * np.array([0.0 if c in unseen else 1.0 for c in range(k)])
+    pred = shifted.argmax(1)
+    rec = {}
+    for c in range(k):
+        m = t == c
+        if m.any():
+            rec[c] = float((pred[m] == c).mean())
+    seen = [r for c, r in rec.items() if c not in unseen]
+    uns = [r for c, r in rec.items() if c in unseen]
+    return sum(seen) / len(seen), sum(uns) / len(uns)
+
+
+@given(st.integers(4, 40), st.integers(3, 7), st.integers(0, 2**31 - 1))
+def test_seen_unseen_curve_matches_brute_force_calibration(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_unseen = 1 + int(torch.randint(0, k - 1, (1,), generator=g))
+    unseen = sorted(torch.randperm(k, generator=g)[:n_unseen].tolist())
+    seen = [c for c in range(k) if c not in unseen]
+    # every group has at least one sample
+    t = torch.cat([torch.tensor([seen[0], unseen[0]]), torch.randint(0, k, (n - 2,), generator=g)])
+    z = torch.randn(n, k, generator=g, dtype=torch.float64)
+    z[: n // 3, 0] = z[: n // 3, 0].round()  # some exact ties between samples' gaps
+    out = seen_unseen_curve(z, t, unseen)
+    zn, tn = z.numpy(), t.numpy()
+    gaps = np.sort(np.unique(zn[:, seen].max(1) - zn[:, unseen].max(1)))
+    assert len(out["gamma"]) == len(gaps) + 1 and math.isinf(float(out["gamma"][0]))
+    np.testing.assert_allclose(out["gamma"][1:].numpy(), gaps)
+    # each point: the brute-force UARs just above its gamma (argmax ties are measure zero there)
+    probe = np.concatenate([[gaps[0] - 1.0], gaps + 1e-9])
+    ref = np.array([_brute_uars(zn, tn, unseen, gm) for gm in probe])
+    np.testing.assert_allclose(out["seen_uar"].numpy(), ref[:, 0], atol=1e-12)
+    np.testing.assert_allclose(out["unseen_uar"].numpy(), ref[:, 1], atol=1e-12)
+    assert math.isclose(out["ausuc"], float(np.trapezoid(ref[:, 0], ref[:, 1])), abs_tol=1e-12)
+    s0, u0 = _brute_uars(zn, tn, unseen, 0.0)
+    if not np.any(np.isclose(gaps, 0.0)):
+        assert math.isclose(out["seen_uar_at_0"], s0, abs_tol=1e-12)
+        assert math.isclose(out["unseen_uar_at_0"], u0, abs_tol=1e-12)
+    # the curve ends: all seen predictions first, all unseen last; the area is within [0, 1]
+    assert float(out["unseen_uar"][0]) == 0.0 and float(out["seen_uar"][-1]) == 0.0
+    assert 0.0 <= out["ausuc"] <= 1.0
+
+
+def test_seen_unseen_curve_perfect_and_errors():
+    # a perfect classifier with a margin: every sample right at gamma = 0, area 1
+    t = torch.tensor([0, 1, 2, 3, 2])
+    z = torch.nn.functional.one_hot(t, 4).double() * 5
+    out = seen_unseen_curve(z, t, [2, 3])
+    assert out["ausuc"] == 1.0 and out["seen_uar_at_0"] == 1.0 and out["unseen_uar_at_0"] == 1.0
+    with pytest.raises(ValueError, match="at least one and not all"):
+        seen_unseen_curve(z, t, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="at least one and not all"):
+        seen_unseen_curve(z, t, [4])
+    with pytest.raises(ValueError, match="seen and of unseen"):
+        seen_unseen_curve(z[:2], t[:2], [2])
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        seen_unseen_curve(z[0], t, [2])

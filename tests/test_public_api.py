@@ -28,7 +28,7 @@ EXPECTED = set(
     moe_task_context moe_task_state MoEFFN MovingMeanLossBalance named_moe_layers
     optimizer_param_groups ParameterEMA parse_subject per_class_recall pretrained_and_new
     prior_matrix PromptLearner read_manifest release_descriptions ReleaseMisroutedTopKRouter
-    ReleasePriorMapping RouterOutput save_module segment_indices set_shared_activation_
+    ReleasePriorMapping RouterOutput save_module seen_unseen_curve segment_indices set_shared_activation_
     sigmoid_ramp Split SSM_RELEASE_MOE_KWARGS StoredPromptLearner subject_split
     SyntheticAUDataset SyntheticExpressionDataset TABLE_S4_AUS TaskTopKRouter
     TemporalTransformer TextPrototypes TokenLayout train_transform tuned_au_f1 uar

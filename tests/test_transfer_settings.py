@@ -225,7 +225,15 @@ def test_quick_unseen_sweep_row_and_table(tmp_path, capsys):
     cm = torch.tensor(m["test"]["exp"]["confusion_matrix"])
     assert cm.shape == (11, 11) and int(cm[7:].sum()) == u["n"] > 0
     among = u.pop("among_unseen_uar"), u.pop("among_unseen_accuracy")
+    ausuc = u.pop("ausuc")
     assert u == R.unseen_class_metrics(cm, facs.EXPRESSIONS_11, list(UNSEEN))
+    # the seen-unseen curve agrees with the meters at its ends: at gamma = 0 the plain argmax
+    # (unseen / seen UAR from the confusion matrix), at +inf the argmax among the unseen classes
+    su = m["test"]["exp"]["seen_unseen"]
+    assert su["ausuc"] == ausuc == row["ausuc"] and 0 <= ausuc <= 1
+    assert su["unseen_uar_at_0"] == pytest.approx(u["uar"]) and su["seen_uar_at_0"] == pytest.approx(u["seen_uar"])
+    assert su["unseen_uar"][-1] == pytest.approx(among[0]) and su["seen_uar"][-1] == 0.0
+    assert su["seen_uar"][0] >= su["seen_uar_at_0"] and su["unseen_uar"][0] == 0.0
     # the unseen clips among the unseen classes only: all of them counted, a UAR in [0, 1]
     assert m["test"]["exp"]["among_unseen"]["n"] == u["n"] and all(0 <= v <= 1 for v in among)
     assert row["among_unseen_uar"] == among[0]
@@ -234,7 +242,7 @@ def test_quick_unseen_sweep_row_and_table(tmp_path, capsys):
     summary = (out / "unseen" / "baseline-seed0" / "summary.txt").read_text()
     assert "unseen-class UAR" in summary and "contempt, anxiety" in summary
     assert "| unseen classes (MAFW's 4 compound classes never trained) | Baseline" in printed
-    assert "unseen UAR among unseen" in summary
+    assert "unseen UAR among unseen" in summary and "AUSUC" in summary
 
 
 def test_quick_unseen_loss_all_trains_every_class(tmp_path):
