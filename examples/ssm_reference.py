@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -41,7 +42,6 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,7 @@ PAPER_LR = 1e-4
 TINY_BACKBONES = ("tiny", "tiny-facs")
 #: the main job's backbone: the tiny CLIP pretrained on synthetic FACS captions (facelayers.assets)
 DEFAULT_BACKBONE = "tiny-facs"
-#: tiny-facs' vision lr, chosen on validation (docs/reference.md, "The default backbone")
+#: tiny-facs' vision lr, chosen on validation (docs/reference.md, "The default backbone and its learning rates")
 TINY_FACS_LR_VISUAL = 1e-3
 
 
@@ -312,8 +312,9 @@ class Defaults:
 
 
 #: the tiny backbones' defaults (CPU, synthetic benchmark). tiny: random init, every part at lr 1e-3.
-#: tiny-facs: pretrained, so the paper's split (vision weights at a lower lr than the new parts); the
-#: value was chosen on the validation split (docs/reference.md, "The default backbone").
+#: tiny-facs: pretrained; its vision lr (the paper's second optimiser group) was chosen on the
+#: validation split: every value below the new parts' 1e-3 scored lower (docs/reference.md, "The
+#: default backbone and its learning rates").
 TINY_DEFAULTS: dict[str, Defaults] = {
     "tiny": Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
                      lr=1e-3, lr_visual=1e-3, milestones=[11]),
