@@ -1161,6 +1161,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     t_data = time.time()
     data = transfer_data(build_data(args, dd), args)
     t_data = time.time() - t_data
+    for task, held in data.notes.get("validation", {}).items():  # said, not silent: a small training set
+        if held.get("note") and dd.main:
+            print(f"note: {task}: {held['note']}", file=sys.stderr)
     cfg = model_config(args, data.expressions, data.aus)
     if args.unseen_classes and (args.unseen_loss or "seen") == "seen":  # the training softmax over seen classes
         unseen = set(unseen_names(args))

@@ -291,6 +291,27 @@ def test_build_real_datasets_wires_the_release_choices(tmp_path):
     default = ssm_data.build_real_datasets(**kw)
     assert default.train["au"].planner is None and default.train["exp"].sampler is segment_indices
     assert [t.p for t in default.train["exp"].transform.transforms if isinstance(t, ClipRandomErasing)] == [0.3]
+    # what --val-fraction became: recorded, and a sentence when it cannot follow the fraction
+    from facelayers.data import read_manifest
+
+    subjects = {r.subject for r in read_manifest(au_m, "bp4d")}
+    v = default.notes["validation"]
+    assert v["au"]["total"] == len(subjects) >= 2 and v["au"]["unit"] == "subjects"
+    assert v["au"]["held_out"] == min(len(subjects) - 1, max(1, round(0.3 * len(subjects))))
+    assert v["exp"]["held_out"] == len(default.val["exp"]) and v["exp"]["total"] == len(default.val["exp"]) + len(
+        default.train["exp"])
+    small = ssm_data.build_real_datasets(**dict(kw, val_fraction=0.01)).notes["validation"]
+    assert small["au"]["held_out"] == 1 and f"holds out 1 of {len(subjects)} subjects" in small["au"]["note"]
+    assert v["au"]["note"] is None or abs(v["au"]["effective"] - 0.3) > 0.15
+
+
+def test_validation_record_notes_only_a_fraction_it_cannot_follow():
+    assert ssm_data.validation_record(0.15, 4, 28, "subjects")["note"] is None  # 14 % for 15 %
+    rec = ssm_data.validation_record(0.01, 1, 3, "subjects")
+    assert rec["effective"] == pytest.approx(1 / 3)
+    assert rec["note"] == "--val-fraction 0.01 holds out 1 of 3 subjects (33%): a validation split keeps at least one on each side"
+    assert ssm_data.validation_record(0.9, 2, 3, "clips")["note"] is None  # 67 % for 90 %: within half
+    assert ssm_data.validation_record(0.9, 1, 3, "clips")["note"] is not None  # 33 % for 90 %
 
 
 # ------------------------------------------------------------------------------------------------

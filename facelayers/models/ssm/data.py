@@ -50,6 +50,7 @@ __all__ = [
     "build_synthetic_datasets",
     "split_indices",
     "split_by_subject",
+    "validation_record",
     "check_expression_vocabulary",
     "check_media_present",
     "SYNTHETIC_DEFAULT",
@@ -160,6 +161,18 @@ def _subject(record: Any) -> str:
     return subject
 
 
+def validation_record(requested: float, held_out: int, total: int, unit: str) -> dict[str, Any]:
+    """What a validation fraction became: ``held_out`` of ``total`` ``unit`` (at least one on each
+    side, so a small set cannot follow the fraction); ``note`` is a sentence when the effective
+    fraction is off by more than half of the requested one (``None`` otherwise)."""
+    effective = held_out / total
+    off = not 0.5 * requested <= effective <= 1.5 * requested
+    note = (f"--val-fraction {requested:g} holds out {held_out} of {total} {unit} ({effective:.0%}): a validation "
+            f"split keeps at least one on each side" if off else None)
+    return {"requested": requested, "held_out": held_out, "total": total, "unit": unit, "effective": effective,
+            "note": note}
+
+
 def split_by_subject(records: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """(train, val) AU records with whole subjects in validation (no subject on both sides).
 
@@ -257,6 +270,7 @@ def build_real_datasets(
     ev_tf = eval_transform(image_size)
     train, val, test = {}, {}, {}
     rate = None
+    held_out: dict[str, dict[str, Any]] = {}  # what --val-fraction became (whole subjects / clips)
     if "au" in tasks:
         recs = read_manifest(au_manifest, au_dataset)
         te_recs = read_manifest(au_test_manifest, au_dataset)
@@ -266,6 +280,8 @@ def build_real_datasets(
             tr_recs, va_recs = split_by_subject(recs, val_fraction, seed)
         except ValueError as err:
             raise DataUnavailableError(f"{os.fspath(au_manifest)}: {err}") from None
+        n_subjects = len({_subject(r) for r in recs})
+        held_out["au"] = validation_record(val_fraction, len({_subject(r) for r in va_recs}), n_subjects, "subjects")
         kw = dict(num_frames=frames, label_mode=au_select)
         train["au"] = AUClipDataset(tr_recs, au_root, train=True, transform=tr_tf, seed=seed, planner=planner, **kw)
         val["au"] = AUClipDataset(va_recs, au_root, eval_cover=au_select == "center", transform=ev_tf, **kw)
@@ -282,12 +298,13 @@ def build_real_datasets(
             tr_i, va_i = split_indices(len(recs), val_fraction, seed)
         except ValueError as err:
             raise DataUnavailableError(f"{os.fspath(exp_manifest)}: {err}") from None
+        held_out["exp"] = validation_record(val_fraction, len(va_i), len(recs), "clips")
         train["exp"] = ExpressionClipDataset([recs[i] for i in tr_i], exp_root, num_frames=frames, train=True,
                                              transform=tr_tf, seed=seed, sampler=sampler)
         val["exp"] = ExpressionClipDataset([recs[i] for i in va_i], exp_root, num_frames=frames, transform=ev_tf,
                                            sampler=sampler)
         test["exp"] = ExpressionClipDataset(te_recs, exp_root, num_frames=frames, transform=ev_tf, sampler=sampler)
-    return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate)
+    return DataBundle(tuple(expressions), tuple(aus), train, val, test, rate, notes={"validation": held_out})
 
 
 def build_datasets(*, data: str, frames: int, image_size: int, seed: int, fold: int, quick: bool, size: float,
