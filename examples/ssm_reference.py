@@ -315,11 +315,11 @@ class Defaults:
 #: tiny-facs: pretrained; its vision lr (the paper's second optimiser group) was chosen on the
 #: validation split: every value below the new parts' 1e-3 scored lower (docs/reference.md, "The
 #: default backbone and its learning rates").
+_TINY = Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16, lr=1e-3,
+                 lr_visual=1e-3, milestones=[11])
 TINY_DEFAULTS: dict[str, Defaults] = {
-    "tiny": Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
-                     lr=1e-3, lr_visual=1e-3, milestones=[11]),
-    "tiny-facs": Defaults(frames=4, moe_blocks="all", temporal_heads=4, epochs=14, batch_exp=16, batch_au=16,
-                          lr=1e-3, lr_visual=TINY_FACS_LR_VISUAL, milestones=[11]),
+    "tiny": _TINY,
+    "tiny-facs": dataclasses.replace(_TINY, lr_visual=TINY_FACS_LR_VISUAL),
 }
 
 
@@ -335,7 +335,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the backbone-dependent defaults (tiny random-init vs pretrained paper config)."""
     resolve_backbone(args)
     if args.backbone in TINY_BACKBONES:
-        d = dataclasses.replace(TINY_DEFAULTS[args.backbone])
+        base = TINY_DEFAULTS[args.backbone]
+        d = dataclasses.replace(base, milestones=list(base.milestones))  # args never share the table's list
         if args.quick:
             d = dataclasses.replace(d, epochs=1, batch_exp=8, batch_au=8, milestones=[])
     else:
@@ -858,7 +859,7 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
     to also report the release's tuned AU F1 over its frames (optimistic; beside F1@0.5).
     ``among_unseen`` (the test split under ``--unseen-classes``; validation has no unseen clip): also
     classify the unseen clips among the unseen classes only (``exp.among_unseen``)."""
-    from facelayers.metrics import AUMeter, ExpressionMeter, seen_unseen_curve
+    from facelayers.metrics import AUMeter, ExpressionMeter, seen_unseen_curve, uar, war
 
     amp = device.type == "cuda" and not args.no_amp
     core.eval()
@@ -869,25 +870,18 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
             continue
         meter = ExpressionMeter(len(cfg.expressions)) if task == "exp" else AUMeter(len(cfg.aus))
         frames: list[tuple[Tensor, ...]] | None = [] if task == "au" and tuned_au is not None else None
-        # unseen-class setting: the unseen clips also classified among the unseen classes only
+        # unseen-class setting: every clip's logits, for the unseen-only argmax and the seen-unseen curve
         unseen = ([list(cfg.expressions).index(n) for n in unseen_names(args)]
                   if task == "exp" and among_unseen and getattr(args, "unseen_classes", None) else [])
-        among = ExpressionMeter(len(unseen)) if unseen else None
-        exp_logits: list[tuple[Tensor, Tensor]] = []  # (logits, labels) of every clip, for the seen-unseen curve
+        exp_logits: list[tuple[Tensor, Tensor]] | None = [] if unseen else None
         for batch in loaders[task]:
             batch = to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = core(batch["clip"], None) if task == "exp" else core(None, batch["clip"])
             if task == "exp":
                 meter.update(out["exp_logits"].float().softmax(-1), batch["label"])
-                if among is not None:
+                if exp_logits is not None:
                     exp_logits.append((out["exp_logits"].float().detach().cpu(), batch["label"].detach().cpu()))
-                    lookup = torch.full((len(cfg.expressions),), -1, dtype=torch.long, device=batch["label"].device)
-                    lookup[unseen] = torch.arange(len(unseen), device=lookup.device)
-                    pos = lookup[batch["label"].long()]
-                    keep = pos >= 0
-                    if bool(keep.any()):
-                        among.update(out["exp_logits"].float()[keep][:, unseen].softmax(-1), pos[keep])
             else:
                 probs, labels, keep = _au_batch(out, batch)
                 meter.update(probs, labels, keep)
@@ -898,12 +892,15 @@ def evaluate(core: SSMModel, loaders: dict[str, Any], device: torch.device, dd: 
         if task == "exp":
             res["exp"] = {"uar": float(m["uar"]), "war": float(m["war"]),
                           "confusion_matrix": m["confusion_matrix"].tolist(), "n": int(m["num_samples"])}
-            if among is not None:
-                mu = among.compute()
-                res["exp"]["among_unseen"] = {"uar": float(mu["uar"]), "accuracy": float(mu["war"]),
-                                              "n": int(mu["num_samples"])}
+            if exp_logits is not None:
                 parts = [p for rank_parts in _gather(exp_logits, dd) for p in rank_parts]
-                curve = seen_unseen_curve(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), unseen)
+                z, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
+                ids = torch.tensor(unseen)
+                is_u = torch.isin(y, ids)  # the unseen clips, classified among the unseen classes only
+                pred = ids[z[is_u][:, ids].argmax(1)]
+                res["exp"]["among_unseen"] = {"uar": uar(pred, y[is_u], len(cfg.expressions)),
+                                              "accuracy": war(pred, y[is_u]), "n": int(is_u.sum())}
+                curve = seen_unseen_curve(z, y, unseen)
                 res["exp"]["seen_unseen"] = {
                     "ausuc": curve["ausuc"], "seen_uar_at_0": curve["seen_uar_at_0"],
                     "unseen_uar_at_0": curve["unseen_uar_at_0"],
