@@ -260,3 +260,19 @@ def test_sweep_settings_validate_for_the_ablation_configs(tmp_path):
         for name in ("baseline", "tsp", "ssm", "dpm-random", "dpm-frozen", "dpm-nodual", "stl-exp"):
             R.validate_args(R.build_parser().parse_args([*S.CONFIGS[name][0], *flags, "--backbone", "tiny-facs",
                                                          "--out", str(tmp_path / "x")]))
+
+
+def test_quick_unseen_training_loss_runs_over_the_seen_classes(tmp_path, monkeypatch):
+    """Every training step of the unseen-class setting hands the seen classes to the expression loss."""
+    calls: list = []
+    original = R.compute_losses
+
+    def spy(out, eb, ab, lam, exp_classes=None):
+        if eb is not None:
+            calls.append(exp_classes)
+        return original(out, eb, ab, lam, exp_classes)
+
+    monkeypatch.setattr(R, "compute_losses", spy)
+    assert R.main(["--quick", "--exp-dataset", "mafw", "--unseen-classes", ",".join(UNSEEN), "--out",
+                   str(tmp_path / "run"), "--no-progress", "--no-plots", "--mode", "stl", "--task", "exp"]) == 0
+    assert calls and all(c == list(range(7)) for c in calls), calls[:3]
